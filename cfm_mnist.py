@@ -492,4 +492,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, data.DatasetUnavailable, data.CheckpointError) as e:
+        raise SystemExit(f"cfm_mnist.py: {e}")  # a missing file or dataset is the user's to fix: no traceback
