@@ -51,7 +51,6 @@ import math
 import pathlib
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -457,27 +456,12 @@ def sample(args):
         samples = torch.cat(samples)
         sec = (time.time() - t0) / args.fid
         ref = args.fid_ref or config.get("data")
-        score = fid.compute_fid(samples, reference_stats(ref, out, args.fid_ref_n))
+        score = fid.compute_fid(samples, fid.reference_statistics(ref, out, args.fid_ref_n))
         ref_label = f"{ref} (first {args.fid_ref_n})" if args.fid_ref_n else ref
         print(f"FID {tag} ({args.fid} samples vs {ref_label}): {score:.2f}   [{sec:.3f} s per image]")
         data.log_metrics(out, {"fid": score, "sampler": tag, "param": param, "var": var_type, "clip_x0": args.clip_x0,
                                "n": args.fid, "ref": ref_label, "sec_per_image": sec})
 
-
-def reference_stats(ref, out, n=None):
-    """FID reference as fid.compute_fid takes it: a .npz (mu, sigma) or folder path as is; a data spec (mnist5k:
-    all 5,000; mnist: test split; simpsons: val split; its first n images if n) has its statistics cached in out/."""
-    if ref is None:
-        raise ValueError("no FID reference: pass --fid-ref (data spec, folder or .npz statistics)")
-    if ref.endswith(".npz") or pathlib.Path(ref).is_dir():
-        return ref
-    path = pathlib.Path(out) / f"fid_ref_{ref.replace(':', '_').replace('/', '_')}{f'_first{n}' if n else ''}.npz"
-    if not path.exists():
-        import fid
-        split = {"mnist": "test", "simpsons": "val"}.get(ref, "train")
-        mu, sigma = fid.compute_statistics(data.load(ref, split=split)[:n])
-        np.savez(path, mu=mu, sigma=sigma)
-    return str(path)
 
 
 # ----------------------------------------------------------------------------------------------------------

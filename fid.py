@@ -575,6 +575,23 @@ def statistics(source, mode="clean", batch_size=DEFAULT_BATCH_SIZE, device=None,
     return compute_statistics(source, mode, batch_size, device, weights)
 
 
+def reference_statistics(ref, cache_dir, n=None):
+    """An FID reference as compute_fid takes it: a .npz (mu, sigma) or a folder path is returned as is; a data.py
+    spec (mnist5k: all 5,000; mnist: test split; simpsons: val split; its first n images if n) has its statistics
+    computed once and cached as cache_dir/fid_ref_<spec>[_first<n>].npz, whose path is returned."""
+    if ref is None:
+        raise ValueError("no FID reference: pass --fid-ref (data spec, folder or .npz statistics)")
+    if ref.endswith(".npz") or Path(ref).is_dir():
+        return ref
+    path = Path(cache_dir) / f"fid_ref_{ref.replace(':', '_').replace('/', '_')}{f'_first{n}' if n else ''}.npz"
+    if not path.exists():
+        import data  # our data.py; only a dataset spec needs it
+        split = {"mnist": "test", "simpsons": "val"}.get(ref, "train")
+        mu, sigma = compute_statistics(data.load(ref, split=split)[:n])
+        np.savez(path, mu=mu, sigma=sigma)
+    return str(path)
+
+
 def compute_fid(a, b, mode="clean", batch_size=DEFAULT_BATCH_SIZE, device=None, weights=None, cache=True):
     """FID between a and b; each is a folder, an .npz with mu/sigma, or uint8 images (N, C, H, W)."""
     mu1, sigma1 = statistics(a, mode, batch_size, device, weights, cache)
