@@ -121,7 +121,7 @@ def load_model(path, arch=None, adm_config=None, device="cpu"):
     """
     ckpt = data.load_checkpoint(path)
     if "ema" in ckpt and "config" in ckpt:  # a ddpm.py run dir's ckpt.pt
-        info = dict(ckpt["config"])
+        info = dict(ckpt["config"], step=ckpt["step"])
         net = unet.UNetModel(**info["unet"])
         unet.load_state_dict_checked(net, ckpt["ema"])
         size = info["unet"]["image_size"]
@@ -189,6 +189,7 @@ def main(argv=None):
     p.add_argument("--fid-ref", default=None, help="data spec, folder or .npz (default: the training data)")
     p.add_argument("--fid-ref-n", type=int, default=None, help="only the first N images of a data-spec reference")
     p.add_argument("--batch-size", type=int, default=500, help="FID sampling batch")
+    p.add_argument("--compile", action="store_true", help="torch.compile the net (worth it for long FID runs)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output dir (default: the checkpoint's dir)")
@@ -198,6 +199,8 @@ def main(argv=None):
 
     device = data.get_device(args.device)
     net, info = load_model(args.ckpt, args.arch, json.loads(args.adm_config) if args.adm_config else None, device)
+    if args.compile:  # ~1.5x faster sampling on CPU after a one-off compile of about a minute (per batch shape)
+        net = torch.compile(net)
     T = info["diffusion"]["T"]
     abar = make_alphas_cumprod(T, info["diffusion"]["schedule"])
     out = pathlib.Path(args.out or pathlib.Path(args.ckpt).parent)
@@ -239,7 +242,7 @@ def main(argv=None):
         tag = f"ddim{args.steps}_eta{args.eta:g}"
         ref_label = f"{ref} (first {args.fid_ref_n})" if args.fid_ref_n else ref
         print(f"FID {tag} ({args.fid} samples vs {ref_label}): {score:.2f}   [{sec:.3f} s per image]")
-        data.log_metrics(out, {"fid": score, "sampler": tag, "clip_x0": args.clip_x0, "n": args.fid, "ref": ref_label,
+        data.log_metrics(out, {"fid": score, "step": info.get("step"), "sampler": tag, "clip_x0": args.clip_x0, "n": args.fid, "ref": ref_label,
                                "sec_per_image": sec})
 
 

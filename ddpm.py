@@ -296,7 +296,7 @@ def load_model(path, arch=None, adm_config=None, device="cpu"):
     """
     ckpt = data.load_checkpoint(path)
     if "ema" in ckpt and "config" in ckpt:  # written by this script
-        config = dict(ckpt["config"])
+        config = dict(ckpt["config"], step=ckpt["step"])
         net = unet.UNetModel(**config["unet"])
         unet.load_state_dict_checked(net, ckpt["ema"])
         kw = config["unet"]
@@ -420,6 +420,8 @@ def train(args):
 def sample(args):
     device = data.get_device(args.device)
     net, config = load_model(args.ckpt, args.arch, json.loads(args.adm_config) if args.adm_config else None, device)
+    if args.compile:  # ~1.5x faster sampling on CPU after a one-off compile of about a minute (per batch shape)
+        net = torch.compile(net)
     out = pathlib.Path(args.out or pathlib.Path(args.ckpt).parent)
     out.mkdir(parents=True, exist_ok=True)
     diffusion = Diffusion(make_betas(config["diffusion"]["T"], config["diffusion"]["schedule"]))
@@ -459,7 +461,7 @@ def sample(args):
         score = fid.compute_fid(samples, fid.reference_statistics(ref, out, args.fid_ref_n))
         ref_label = f"{ref} (first {args.fid_ref_n})" if args.fid_ref_n else ref
         print(f"FID {tag} ({args.fid} samples vs {ref_label}): {score:.2f}   [{sec:.3f} s per image]")
-        data.log_metrics(out, {"fid": score, "sampler": tag, "param": param, "var": var_type, "clip_x0": args.clip_x0,
+        data.log_metrics(out, {"fid": score, "step": config.get("step"), "sampler": tag, "param": param, "var": var_type, "clip_x0": args.clip_x0,
                                "n": args.fid, "ref": ref_label, "sec_per_image": sec})
 
 
@@ -498,6 +500,7 @@ def parse_args(argv=None):
     s.add_argument("--clip-x0", action="store_true", help="clamp x0_hat to [-1, 1] (uses the x0 form)")
     s.add_argument("--num-samples", type=int, default=10, help="grid size (0: no grid, no trajectory)")
     s.add_argument("--fid", type=int, default=0, help="also score N samples with fid.py")
+    s.add_argument("--compile", action="store_true", help="torch.compile the net (worth it for long FID runs)")
     s.add_argument("--fid-ref", default=None, help="data spec, folder or .npz (default: the training data)")
     s.add_argument("--fid-ref-n", type=int, default=None, help="only the first N images of a data-spec reference")
     args = p.parse_args(argv)
