@@ -384,7 +384,7 @@ def reference_statistics(out, spec, split):
     ref = data.load(spec, split=split, image_size=28, channels=1)
     print(f"computing FID reference statistics of {len(ref)} images ({spec}, {split}) -> {cache}")
     mu, sigma = fid.compute_statistics(ref)
-    np.savez(cache, mu=mu, sigma=sigma, n=len(ref))
+    data.write_atomic(cache, lambda f: np.savez(f, mu=mu, sigma=sigma, n=len(ref)))  # no half-written cache
     return mu, sigma, len(ref)
 
 
@@ -405,7 +405,8 @@ def sample_main(args):
     imgs, nfe = sample(net, args.n, args.solver, args.steps, args.rtol, args.atol, args.batch_size,
                        generator=gen, device=device)
     seconds = time.time() - t0
-    tag = (f"{args.solver}{args.steps}" if args.solver != "adaptive" else f"adaptive_rtol{args.rtol:g}_atol{args.atol:g}")
+    tag = (f"{args.solver}{args.steps}" if args.solver != "adaptive"
+           else f"adaptive_rtol{args.rtol:g}_atol{args.atol:g}")
     grid = data.save_grid(imgs[:64], out / f"samples_{tag}.png", nrow=8)
     record = {"step": state["step"], "solver": args.solver, "steps": args.steps if args.solver != "adaptive" else None,
               "rtol": args.rtol, "atol": args.atol, "nfe": nfe, "n": args.n, "ema": args.ema,

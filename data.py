@@ -293,20 +293,6 @@ def _adapt(x, image_size=None, channels=None):
     return _stack(arrays)
 
 
-def _save_npz_atomic(path, **arrays):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Simpsons Faces with the CS492(C) split
 # ----------------------------------------------------------------------------------------------------------------
@@ -397,7 +383,7 @@ def load_simpsons(split="train", root=None, image_size=64, channels=3):
         except zipfile.BadZipFile as e:  # damaged after it was verified (disk error, manual copy)
             raise DatasetUnavailable(f"{zpath} is damaged ({e}); delete it and rerun to download it again. "
                                      f"{ALTERNATIVES}") from e
-    _save_npz_atomic(cache, images=images.numpy(), ids=np.array(ids, dtype=np.int64))
+    write_atomic(cache, lambda f: np.savez(f, images=images.numpy(), ids=np.array(ids, dtype=np.int64)))
     return images
 
 
@@ -543,15 +529,15 @@ def seed_everything(seed):
     torch.manual_seed(seed)  # also seeds all CUDA devices
 
 
-def save_checkpoint(path, state):
-    """Write `state` with torch.save atomically: a temp file in the same directory, flushed and fsynced, then
-    os.replace onto `path`. A crash at any moment leaves either the old complete file or the new complete file."""
+def write_atomic(path, write, mode="wb"):
+    """Call write(f) on a temp file in path's directory, flush and fsync it, then os.replace it onto `path`.
+    A crash at any moment leaves either the old complete file or the new complete file, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -566,6 +552,12 @@ def save_checkpoint(path, state):
             os.close(dir_fd)
     except OSError:
         pass
+    return path
+
+
+def save_checkpoint(path, state):
+    """Write `state` with torch.save atomically (write_atomic)."""
+    return write_atomic(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -622,18 +614,9 @@ def _json_default(o):
 
 
 def write_config(out_dir, config):
-    """Write out_dir/config.json (indented; written to a temp file and renamed)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write out_dir/config.json (indented, atomically)."""
     text = json.dumps(config, indent=2, default=_json_default) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=out, prefix="config.json.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, out / "config.json")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(Path(out_dir) / "config.json", lambda f: f.write(text), mode="w")
 
 
 def log_metrics(out_dir, record):

@@ -117,33 +117,11 @@ def load_model(path, arch=None, adm_config=None, device="cpu"):
     """:return: (net in eval mode, info) with info["diffusion"] = {"T", "schedule"}, info["shape"] = (C, H, W).
 
     A raw ADM file needs arch (a unet preset such as "adm-ffhq256") or adm_config (guided-diffusion's
-    create_model kwargs, as published with the checkpoint).
+    create_model kwargs, as published with the checkpoint); see unet.from_checkpoint.
     """
-    ckpt = data.load_checkpoint(path)
-    if "ema" in ckpt and "config" in ckpt:  # a ddpm.py run dir's ckpt.pt
-        info = dict(ckpt["config"], step=ckpt["step"])
-        net = unet.UNetModel(**info["unet"])
-        unet.load_state_dict_checked(net, ckpt["ema"])
-        size = info["unet"]["image_size"]
-    elif "time_embed.0.weight" in ckpt:  # raw ADM state dict
-        if adm_config is not None:
-            net, size = unet.adm(**adm_config), adm_config["image_size"]
-        elif arch is not None:
-            if arch not in unet.PRESETS:
-                raise ValueError(f"unknown --arch {arch!r}; choose one of {sorted(unet.PRESETS)}")
-            learn_sigma = ckpt["out.2.weight"].shape[0] == 2 * ckpt["input_blocks.0.0.weight"].shape[1]
-            net, size = unet.create(arch, learn_sigma=learn_sigma), unet.PRESETS[arch]["image_size"]
-        else:
-            raise ValueError(f"{path} is a raw ADM state dict: say which network it is with --arch "
-                             f"(e.g. adm-ffhq256) or --adm-config '{{...guided-diffusion kwargs...}}'")
-        unet.load_state_dict_checked(net, ckpt)
-        info = {"diffusion": {"T": 1000, "schedule": "linear"}}  # all published unconditional ADM models
-    else:
-        raise ValueError(f"{path} is neither a ddpm.py checkpoint (keys 'ema', 'config') nor an ADM state dict "
-                         f"(keys like 'time_embed.0.weight'); found keys {list(ckpt)[:5]}")
-    info["shape"] = (ckpt["input_blocks.0.0.weight"].shape[1] if "unet" not in info
-                     else info["unet"]["in_channels"], size, size)
-    return net.to(device).eval(), info
+    net, info = unet.from_checkpoint(data.load_checkpoint(path), arch, adm_config, source=path)
+    info.setdefault("diffusion", {"T": 1000, "schedule": "linear"})  # all published unconditional ADM models
+    return net.to(device), info
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -242,8 +220,8 @@ def main(argv=None):
         tag = f"ddim{args.steps}_eta{args.eta:g}"
         ref_label = f"{ref} (first {args.fid_ref_n})" if args.fid_ref_n else ref
         print(f"FID {tag} ({args.fid} samples vs {ref_label}): {score:.2f}   [{sec:.3f} s per image]")
-        data.log_metrics(out, {"fid": score, "step": info.get("step"), "sampler": tag, "clip_x0": args.clip_x0, "n": args.fid, "ref": ref_label,
-                               "sec_per_image": sec})
+        data.log_metrics(out, {"fid": score, "step": info.get("step"), "sampler": tag, "clip_x0": args.clip_x0,
+                               "n": args.fid, "ref": ref_label, "sec_per_image": sec})
 
 
 if __name__ == "__main__":

@@ -281,60 +281,15 @@ def save_trajectory(traj, path, title=""):
 # ----------------------------------------------------------------------------------------------------------
 # Models and checkpoints
 # ----------------------------------------------------------------------------------------------------------
-def check_arch(arch):
-    if arch not in unet.PRESETS:
-        raise ValueError(f"unknown --arch {arch!r}; choose one of {sorted(unet.PRESETS)}")
-
-
 def load_model(path, arch=None, adm_config=None, device="cpu"):
-    """Load a ddpm.py run checkpoint (EMA weights) or a raw guided-diffusion (ADM) state dict.
+    """Load a ddpm.py run checkpoint (EMA weights) or a raw guided-diffusion (ADM) state dict (unet.from_checkpoint).
 
     :return: (net in eval mode, config) with config["diffusion"] = {"T", "schedule"}, config["shape"] = (C, H, W)
              and config["learn_sigma"] (net outputs eps_hat and v, 2C channels)
-    A raw ADM file needs arch (a unet preset such as "adm-ffhq256") or adm_config (guided-diffusion's
-    create_model keyword arguments, as published with the checkpoint).
     """
-    ckpt = data.load_checkpoint(path)
-    if "ema" in ckpt and "config" in ckpt:  # written by this script
-        config = dict(ckpt["config"], step=ckpt["step"])
-        net = unet.UNetModel(**config["unet"])
-        unet.load_state_dict_checked(net, ckpt["ema"])
-        kw = config["unet"]
-    else:  # raw ADM state dict: parameter names at top level, e.g. "input_blocks.0.0.weight"
-        if "time_embed.0.weight" not in ckpt:
-            raise ValueError(f"{path} is neither a ddpm.py checkpoint (keys 'ema', 'config') nor an ADM state dict "
-                             f"(keys like 'time_embed.0.weight'); found keys {list(ckpt)[:5]}")
-        if adm_config is not None:
-            net = unet.adm(**adm_config)
-            kw = {"image_size": adm_config["image_size"]}
-        elif arch is not None:
-            check_arch(arch)
-            in_ch = ckpt["input_blocks.0.0.weight"].shape[1]
-            learn_sigma = ckpt["out.2.weight"].shape[0] == 2 * in_ch  # ADM doubles out channels for sigma
-            net = unet.create(arch, learn_sigma=learn_sigma)
-            kw = unet.PRESETS[arch]
-        else:
-            raise ValueError(f"{path} is a raw ADM state dict: say which network it is with --arch "
-                             f"(e.g. adm-ffhq256) or --adm-config '{{...guided-diffusion kwargs...}}'")
-        unet.load_state_dict_checked(net, ckpt)
-        config = {"diffusion": {"T": 1000, "schedule": "linear"}}  # all published ADM unconditional models
-        kw = {"image_size": kw["image_size"], "in_channels": ckpt["input_blocks.0.0.weight"].shape[1],
-              "out_channels": ckpt["out.2.weight"].shape[0]}
-    c = kw["in_channels"]
-    config["shape"] = (c, kw["image_size"], kw["image_size"])
-    config["learn_sigma"] = kw["out_channels"] == 2 * c
-    return net.to(device).eval(), config
-
-
-def unet_kwargs(arch, channels, image_size):
-    """Full UNetModel kwargs of a preset for this data (stored as config["unet"] to rebuild the net anywhere)."""
-    check_arch(arch)
-    preset = unet.PRESETS[arch]
-    kwargs = {**preset, "image_size": image_size, "in_channels": channels, "out_channels": channels}
-    # attention stays at the preset's levels (same downsampling factor), as unet.create does for a new size
-    kwargs["attention_resolutions"] = tuple(image_size // (preset["image_size"] // r)
-                                            for r in preset["attention_resolutions"])
-    return kwargs
+    net, config = unet.from_checkpoint(data.load_checkpoint(path), arch, adm_config, source=path)
+    config.setdefault("diffusion", {"T": 1000, "schedule": "linear"})  # all published ADM unconditional models
+    return net.to(device), config
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -346,7 +301,8 @@ def train(args):
     out.mkdir(parents=True, exist_ok=True)
     images = data.load(args.data, split="train", image_size=args.image_size)      # uint8 (N, C, H, W)
     config = {"method": "ddpm", "data": args.data, "image_size": args.image_size, "arch": args.arch,
-              "unet": unet_kwargs(args.arch, images.shape[1], images.shape[2]),
+              "unet": unet.preset_kwargs(args.arch, learn_sigma=False, image_size=images.shape[2],
+                                         in_channels=images.shape[1]),
               "diffusion": {"T": args.T, "schedule": args.schedule},
               "batch_size": args.batch_size, "lr": args.lr, "ema_decay": args.ema_decay, "seed": args.seed,
               "grad_clip": args.grad_clip}
@@ -461,8 +417,9 @@ def sample(args):
         score = fid.compute_fid(samples, fid.reference_statistics(ref, out, args.fid_ref_n))
         ref_label = f"{ref} (first {args.fid_ref_n})" if args.fid_ref_n else ref
         print(f"FID {tag} ({args.fid} samples vs {ref_label}): {score:.2f}   [{sec:.3f} s per image]")
-        data.log_metrics(out, {"fid": score, "step": config.get("step"), "sampler": tag, "param": param, "var": var_type, "clip_x0": args.clip_x0,
-                               "n": args.fid, "ref": ref_label, "sec_per_image": sec})
+        data.log_metrics(out, {"fid": score, "step": config.get("step"), "sampler": tag, "param": param,
+                               "var": var_type, "clip_x0": args.clip_x0, "n": args.fid, "ref": ref_label,
+                               "sec_per_image": sec})
 
 
 
@@ -512,7 +469,8 @@ def main(argv=None):
     if args.ckpt:
         return sample(args)
     args.arch = args.arch or "mnist"
-    check_arch(args.arch)
+    if args.arch not in unet.PRESETS:
+        raise ValueError(f"unknown --arch {args.arch!r}; choose one of {sorted(unet.PRESETS)}")
     args.out = args.out or f"runs/ddpm-{args.data.replace(':', '_').replace('/', '_')}-{args.arch}"
     return train(args)
 

@@ -588,7 +588,7 @@ def reference_statistics(ref, cache_dir, n=None):
         import data  # our data.py; only a dataset spec needs it
         split = {"mnist": "test", "simpsons": "val"}.get(ref, "train")
         mu, sigma = compute_statistics(data.load(ref, split=split)[:n])
-        np.savez(path, mu=mu, sigma=sigma)
+        data.write_atomic(path, lambda f: np.savez(f, mu=mu, sigma=sigma))  # a crash leaves no half-written cache
     return str(path)
 
 

@@ -365,8 +365,9 @@ PRESETS = {
 }
 
 
-def create(name, learn_sigma=None, **overrides):
-    """Build a preset, with any UNetModel kwarg overridden, e.g. create("tiny", image_size=32, in_channels=3).
+def preset_kwargs(name, learn_sigma=None, **overrides):
+    """The UNetModel kwargs of a preset, with any of them overridden (what create builds; store it in a run's
+    config to rebuild the net later even if the preset changes).
 
     out_channels follows in_channels unless given; learn_sigma=True doubles it (eps and the variance
     interpolation v of Nichol & Dhariwal). learn_sigma=None keeps the preset's own choice (True only for adm-ffhq256).
@@ -383,7 +384,13 @@ def create(name, learn_sigma=None, **overrides):
         # Same downsampling factor ds = preset size / attention size at the new image size.
         kwargs["attention_resolutions"] = tuple(kwargs["image_size"] // (preset["image_size"] // r)
                                                 for r in preset["attention_resolutions"])
-    return UNetModel(**kwargs)
+    return kwargs
+
+
+def create(name, learn_sigma=None, **overrides):
+    """Build a preset, with any UNetModel kwarg overridden, e.g. create("tiny", image_size=32, in_channels=3).
+    See preset_kwargs for learn_sigma and what a new image_size does."""
+    return UNetModel(**preset_kwargs(name, learn_sigma, **overrides))
 
 
 # guided-diffusion's create_model default channel_mult per image size (channel_mult="").
@@ -485,6 +492,44 @@ def load_state_dict_checked(model, state_dict):
                  "or unet.adm(**published_config) for a guided-diffusion checkpoint)")
     lines.append("fix: " + "; ".join(hints))
     raise ValueError("\n".join(lines))
+
+
+
+def from_checkpoint(ckpt, arch=None, adm_config=None, weights="ema", source="checkpoint"):
+    """Rebuild and load the net of a loaded checkpoint (a dict from torch.load): a run of this project
+    ({"model", "ema", "config": {"unet": kwargs}, "step"}) or a raw guided-diffusion (ADM) state dict.
+
+    A raw ADM dict carries no architecture: give arch (a preset such as "adm-ffhq256"; learn_sigma is read from
+    the output layer's shape) or adm_config (guided-diffusion's create_model kwargs, as published with it).
+    weights: "ema" or "model" (a run's raw weights); source: the file name, for error messages.
+    :return: (net in eval mode, info), info = the run's config plus "step" ({} for ADM), with "shape" (C, H, W)
+             and "learn_sigma" (the net outputs eps_hat and v, 2C channels) added.
+    """
+    if "config" in ckpt and weights in ckpt:  # a run dir's ckpt.pt
+        info = dict(ckpt["config"], step=ckpt.get("step"))
+        net = UNetModel(**info["unet"])
+        load_state_dict_checked(net, ckpt[weights])
+        kw = info["unet"]
+    elif "time_embed.0.weight" in ckpt:  # raw ADM state dict: parameter names at top level
+        if adm_config is not None:
+            net = adm(**adm_config)
+        elif arch is not None:
+            if arch not in PRESETS:
+                raise ValueError(f"unknown --arch {arch!r}; choose one of {sorted(PRESETS)}")
+            in_ch = ckpt["input_blocks.0.0.weight"].shape[1]
+            net = create(arch, learn_sigma=ckpt["out.2.weight"].shape[0] == 2 * in_ch)  # ADM doubles out for sigma
+        else:
+            raise ValueError(f"{source} is a raw ADM state dict: say which network it is with --arch "
+                             f"(e.g. adm-ffhq256) or --adm-config '{{...guided-diffusion kwargs...}}'")
+        load_state_dict_checked(net, ckpt)
+        info = {}
+        kw = {"image_size": net.image_size, "in_channels": net.in_channels, "out_channels": net.out_channels}
+    else:
+        raise ValueError(f"{source} is neither a run checkpoint (keys '{weights}', 'config') nor an ADM state dict "
+                         f"(keys like 'time_embed.0.weight'); found keys {list(ckpt)[:5]}")
+    info["shape"] = (kw["in_channels"], kw["image_size"], kw["image_size"])
+    info["learn_sigma"] = kw["out_channels"] == 2 * kw["in_channels"]
+    return net.eval(), info
 
 
 if __name__ == "__main__":

@@ -303,3 +303,24 @@ def test_clear_errors():
         unet.create("tiny", num_head_channels=24)
     with pytest.raises(FileNotFoundError, match="ffhq_10m"):
         unet.adm(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2", model_path="/nonexistent.pt")
+
+
+def test_from_checkpoint_picks_the_named_weights():
+    # a run checkpoint holds two different weight sets; the net must compute with the one asked for
+    kwargs = unet.preset_kwargs("tiny", image_size=16)
+    assert kwargs["attention_resolutions"] == (4,)  # same level as 7 at 28: 28 // 7 = 16 // 4
+    torch.manual_seed(0)
+    raw, ema = unet.UNetModel(**kwargs), unet.UNetModel(**kwargs)
+    for p in list(raw.parameters()) + list(ema.parameters()):  # zero-init layers would make both nets agree
+        torch.nn.init.normal_(p, std=0.05)
+    ckpt = {"model": raw.state_dict(), "ema": ema.state_dict(), "config": {"unet": kwargs, "data": "x"}, "step": 7}
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3.0, 900.0])
+    with torch.no_grad():
+        y_raw, y_ema = raw(x, t), ema(x, t)
+        assert (y_raw - y_ema).abs().max() > 1e-3
+        net, info = unet.from_checkpoint(ckpt)
+        torch.testing.assert_close(net(x, t), y_ema)
+        net, info2 = unet.from_checkpoint(ckpt, weights="model")
+        torch.testing.assert_close(net(x, t), y_raw)
+    assert info == info2 and info["step"] == 7 and info["data"] == "x"
+    assert info["shape"] == (1, 16, 16) and info["learn_sigma"] is False and not net.training
