@@ -144,3 +144,21 @@ def test_bad_input(tmp_path):
         ddim.sample_ddim(stand_in, torch.zeros(1, 1, 2, 2), [0, 500], abar, eta=-0.1)
     with pytest.raises(SystemExit):
         ddim.main(["--ckpt", str(path), "--adm-config", json.dumps(SMALL_ADM), "--eta", "-1"])
+
+
+def test_every_eta_samples_a_gaussian_with_the_exact_eps():
+    # data x0 ~ N(m, s^2): x_t ~ N(sqrt(abar) m, abar s^2 + 1 - abar), and the exact (MMSE) eps prediction is
+    # E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) m) / (abar s^2 + 1 - abar). DDIM's family of processes all
+    # share these marginals (Song et al. Lemma 1), so with the exact eps every eta must end at N(m, s^2).
+    m, s = 0.3, 0.5
+    abar = ddim.make_alphas_cumprod(T)
+
+    def exact_eps(x, t):
+        a = abar[t.long()].view(-1, 1, 1, 1)
+        return (1 - a).sqrt() * (x - a.sqrt() * m) / (a * s ** 2 + 1 - a)
+
+    x_T = torch.randn(20_000, 1, 1, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for eta in (0.0, 0.2, 0.5, 1.0):
+        x0 = ddim.sample_ddim(exact_eps, x_T, ddim.ddim_timesteps(T, T), abar, eta, seed=2, progress=False)
+        assert abs(x0.mean().item() - m) < 0.015, eta  # standard error 0.0035
+        assert abs(x0.std().item() - s) < 0.01, eta    # standard error 0.0025; a wrong sigma or eps weight: 0.1
