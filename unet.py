@@ -494,7 +494,6 @@ def load_state_dict_checked(model, state_dict):
     raise ValueError("\n".join(lines))
 
 
-
 def from_checkpoint(ckpt, arch=None, adm_config=None, weights="ema", source="checkpoint"):
     """Rebuild and load the net of a loaded checkpoint (a dict from torch.load): a run of this project
     ({"model", "ema", "config": {"unet": kwargs}, "step"}) or a raw guided-diffusion (ADM) state dict.
