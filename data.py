@@ -128,6 +128,7 @@ def download(urls, dest, sha256=None, desc=None, verify=None, hint=""):
         if sha256 is None or sha256_of(dest) == sha256:
             return dest
         print(f"{dest} does not match its sha256 {sha256}; fetching it again", file=sys.stderr)
+    created = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]  # to tidy up if all URLs fail
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     errors = []
@@ -146,6 +147,11 @@ def download(urls, dest, sha256=None, desc=None, verify=None, hint=""):
             errors.append(f"  {url}\n    -> {type(e).__name__}: {e}")
         finally:
             part.unlink(missing_ok=True)  # no half-written .part survives a failed try
+    for d in created:  # innermost first; a failed download leaves no empty data/<name>/ behind
+        try:
+            d.rmdir()
+        except OSError:  # not empty (another file landed there meanwhile): keep it
+            break
     raise DatasetUnavailable(
         f"Could not download {dest.name} (to {dest}). URLs tried:\n" + "\n".join(errors) + "\n"
         f"Check the network and rerun, or place the file at {dest} yourself. {hint}{ALTERNATIVES}")

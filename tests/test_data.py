@@ -174,6 +174,14 @@ def test_download_unreachable_names_file_url_and_alternatives(server, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_failed_download_removes_the_folders_it_made(tmp_path):
+    # an offline `--data mnist` must not leave an empty data/mnist/ behind; folders that were there stay
+    (tmp_path / "keep").mkdir()
+    with pytest.raises(data.DatasetUnavailable):
+        data.download(BAD_URL, tmp_path / "keep" / "new" / "deeper" / "x.gz")
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")] == ["keep"]
+
+
 # ---------------------------------------------------------------------------------------------------- simpsons
 
 def _png(color, size=(80, 80), mode="RGB"):
