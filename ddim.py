@@ -199,7 +199,8 @@ def main(argv=None):
         tag = f"ddim{steps}_eta{eta:g}"
         columns[f"{steps} steps\neta {eta:g}"] = x0.cpu()
         path = data.save_grid(x0.clamp(-1, 1), out / f"samples_{tag}.png", nrow=5)
-        print(f"{tag}: {dt:.3f} s per image (batch {args.num_instances}) -> {path}")
+        print(f"{tag}: {dt:.3f} s per image (batch {args.num_instances}), range [{x0.min():.2f}, {x0.max():.2f}], "
+              f"{(x0.abs() > 1.1).float().mean():.1%} of pixels beyond 1.1 in magnitude -> {path}")
     if args.sweep != "none":
         path = save_comparison(columns, out / f"ddim_sweep_{args.sweep}.png",
                                f"DDIM, same x_T (seed {args.seed}); columns: {args.sweep}")

@@ -400,7 +400,9 @@ def sample(args):
         t0 = time.time()
         x0, _ = sample_loop(net, diffusion, x_T, seed=args.seed, **kw)
         dt = time.time() - t0
-        print(f"{args.num_samples} samples: {dt / args.num_samples:.3f} s per image (batch {args.num_samples})")
+        print(f"{args.num_samples} samples: {dt / args.num_samples:.3f} s per image (batch {args.num_samples}); "
+              f"range [{x0.min():.2f}, {x0.max():.2f}], {(x0.abs() > 1.1).float().mean():.1%} of pixels beyond "
+              f"1.1 in magnitude (the grid clamps to [-1, 1])")  # drift out of range is what --clip-x0 cures
         print("wrote", data.save_grid(x0.clamp(-1, 1), out / f"samples_{tag}.png", nrow=5))
 
     if args.fid:
