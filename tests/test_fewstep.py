@@ -1,0 +1,350 @@
+"""Tests for fewstep.py.
+
+Exactness: for 1-D Gaussian data x1 ~ N(m, s^2) and noise x0 ~ N(0, 1), the rectified-flow ODE is linear and its
+flow map is affine in x with closed-form coefficients (derived here, independently of fewstep.py):
+    x_t = (1 - t) x0 + t x1 ~ N(t m, sigma_t^2),  sigma_t^2 = (1 - t)^2 + t^2 s^2
+    v(x, t) = E[x1 - x0 | x_t = x] = m + (t s^2 - (1 - t)) / sigma_t^2 (x - t m)   (jointly Gaussian regression)
+    flow(x, t -> r) = r m + sigma_r (x - t m) / sigma_t                          (monotone map between Gaussians)
+A small network that is affine in x with MLP coefficients of (t, cond) can represent all of them; each method must
+train to the exact function and its few-step samples must pass a KS test against N(m, s^2).
+Machinery: tiny preset on mnist5k, falling loss, exact NFE (counted with a forward hook), resume, DDP with gloo,
+bad input.
+"""
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+import torch.nn as nn
+
+import fewstep
+from fewstep import Reflow, RectifiedFlow, Shortcut
+
+M, S = 1.5, 0.5  # target N(M, S^2)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def sigma(t):
+    t = torch.as_tensor(t, dtype=torch.get_default_dtype() if not torch.is_tensor(t) else t.dtype)
+    return torch.sqrt((1 - t) ** 2 + t ** 2 * S ** 2)
+
+
+def exact_velocity(x, t):
+    return M + (t * S ** 2 - (1 - t)) / sigma(t) ** 2 * (x - t * M)
+
+
+def exact_flow(x, t, r):
+    return r * M + sigma(r) * (x - t * M) / sigma(t)
+
+
+class ExactVelocityNet(nn.Module):
+    """The closed-form velocity as a net(x, 1000 t): the teacher of the reflow test."""
+
+    def forward(self, x, t, cond=None):
+        return exact_velocity(x, fewstep.expand_t(t / 1000, x))
+
+
+class GaussNet(nn.Module):
+    """f(x, t, cond) = a(t, cond) x + b(t, cond), a and b from an MLP of (t / 1000, cond / 1000). x: (B, 1)."""
+
+    def __init__(self, hidden=64):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(2, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, 2))
+
+    def forward(self, x, t, cond=None):
+        t = torch.as_tensor(t, dtype=x.dtype).expand(x.shape[0]) / 1000
+        c = torch.zeros_like(t) if cond is None else torch.as_tensor(cond, dtype=x.dtype).expand(x.shape[0]) / 1000
+        a, b = self.mlp(torch.stack([t, c], dim=1)).unbind(1)
+        return a[:, None] * x + b[:, None]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small MLPs run fastest on one thread (and several threads thrash when other jobs share the cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def fit(method, steps=1500, batch=512, pairs=None, seed=0):
+    """Train a GaussNet with method.loss (EMA of decay 0.99 passed as `ema`, as the training loop does)."""
+    torch.manual_seed(seed)
+    net = GaussNet()
+    ema = GaussNet().requires_grad_(False)
+    ema.load_state_dict(net.state_dict())
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(steps):
+        if pairs is None:
+            batch_args = (M + S * torch.randn(batch, 1),)
+        else:
+            idx = torch.randint(0, len(pairs[0]), (batch,))
+            batch_args = (pairs[0][idx], pairs[1][idx])
+        loss = method.loss(net, *batch_args, ema=ema)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), net.parameters()):
+                pe.mul_(0.99).add_(p, alpha=0.01)
+    return ema.eval()  # averaged weights: less minibatch noise in the fitted function
+
+
+def ks_pvalue(method, net, nfe, n=2000, seed=1):
+    noise = torch.randn(n, 1, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        x = method.sample(net, noise, nfe)
+    return scipy.stats.kstest(x[:, 0].numpy(), "norm", args=(M, S)).pvalue
+
+
+def grid_x(t):
+    """Points where x_t has its mass: t M + sigma_t z for z in [-2, 2] (the net never sees the far tails)."""
+    return t * M + sigma(t) * torch.linspace(-2, 2, 11)[:, None]
+
+
+def test_closed_form_velocity_is_the_derivative_of_the_flow_map():
+    """The test's own closed forms: d/dr flow(x, t -> r) at r = t is v(x, t) (central difference), and the flow
+    carries N(0, 1) at t = 0 to N(M, S^2) at t = 1."""
+    x = torch.linspace(-2, 2, 9, dtype=torch.float64)[:, None]
+    for t in (0.1, 0.5, 0.9):
+        t_ = torch.tensor(t, dtype=torch.float64)
+        h = 1e-6
+        fd = (exact_flow(x, t_, t_ + h) - exact_flow(x, t_, t_ - h)) / (2 * h)
+        torch.testing.assert_close(fd, exact_velocity(x, t_), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(exact_flow(x, torch.tensor(0.0, dtype=torch.float64),
+                                          torch.tensor(1.0, dtype=torch.float64)), M + S * x)
+
+
+def test_rf_one_euler_step_of_the_exact_velocity_collapses_to_the_mean():
+    """Why few-step methods exist: with the exact rf velocity, one Euler step sends every noise to E[x1] = M."""
+    noise = torch.randn(100, 1)
+    x = RectifiedFlow().sample(ExactVelocityNet(), noise, 1)
+    torch.testing.assert_close(x, torch.full_like(x, M))
+
+
+def test_rf_learns_the_exact_velocity_and_many_steps_sample_the_target():
+    method = RectifiedFlow()
+    net = fit(method)
+    with torch.no_grad():
+        for t in (0.1, 0.3, 0.5, 0.7, 0.9):
+            x = grid_x(t)
+            err = (net(x, torch.full((len(x),), 1000 * t)) - exact_velocity(x, t)).abs().max().item()
+            assert err < 0.1, (t, err)
+    assert ks_pvalue(method, net, 64) > 1e-3
+
+
+def euler_composite_step(x, t, d, m):
+    """Shortcut's exact fixed point for finite M: flow matching pins s(x, t, 1/M) to v(x, t), and each level is the
+    average of two steps of the level below, so s(x, t, d) = (d M Euler steps of size 1/M of v - x) / d."""
+    y = x.clone()
+    for k in range(round(d * m)):
+        y = y + exact_velocity(y, t + k / m) / m
+    return (y - x) / d
+
+
+def test_shortcut_learns_its_exact_fixed_point_and_samples_the_target_at_nfe_1_and_4():
+    """M = 32: Euler with 32 steps of the exact velocity ends at std 0.478 (target 0.5), close enough for a KS test
+    at 2,000 samples; with M = 8 it is 0.415 and the test could not pass even for a perfect shortcut model."""
+    method = Shortcut(max_steps=32)
+    net = fit(method, steps=2500)
+    with torch.no_grad():
+        for d in (1.0, 0.5, 0.25):
+            for t in np.arange(0, 1, d):
+                x = grid_x(float(t))
+                tt, dd = torch.full((len(x),), float(t)), torch.full((len(x),), d)
+                err = (method.step(net, x, tt, dd) - euler_composite_step(x, float(t), d, 32)).abs().max().item()
+                assert err < 0.2, (t, d, err)
+    assert ks_pvalue(method, net, 1) > 1e-3
+    assert ks_pvalue(method, net, 4) > 1e-3
+
+
+class ShortcutWithDoubledTarget(Shortcut):
+    """A deliberate factor error: the bootstrap half steps (d > 0) are taken with twice the network's output."""
+
+    def loss(self, net, x1, x0=None, ema=None):
+        teacher = ema if ema is not None else net
+
+        class Doubled(nn.Module):
+            def forward(self, x, t, cond=None):
+                return teacher(x, t, cond) * (1 if cond is None or bool((cond == 0).all()) else 2)
+        return super().loss(net, x1, x0, ema=Doubled())
+
+
+def test_shortcut_exactness_test_catches_a_factor_error_in_the_target():
+    """The KS test has power: the same training with a wrong self-consistency target fails it at NFE 1."""
+    method = ShortcutWithDoubledTarget(max_steps=32)
+    net = fit(method, steps=2500)
+    assert ks_pvalue(method, net, 1) < 1e-3
+
+
+@pytest.mark.parametrize("distill", [False, True])
+def test_reflow_on_exact_teacher_pairs_samples_the_target_in_one_step(distill):
+    """Pairs from the exact teacher ODE (200 Euler steps) are x1 = M + S x0 (straight lines), so one Euler step of
+    the reflowed velocity is exact; distill trains that one step directly."""
+    method = Reflow(distill=distill, teacher_steps=200)
+    x0 = torch.randn(8192, 1, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        x1 = method.make_pairs(ExactVelocityNet(), x0)
+    torch.testing.assert_close(x1, M + S * x0, rtol=0, atol=0.02)  # Euler's error at 200 steps
+    net = fit(method, pairs=(x1, x0))
+    assert ks_pvalue(method, net, 1) > 1e-3
+    if not distill:
+        assert ks_pvalue(method, net, 4) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling costs exactly n network calls (counted by a forward hook on the U-Net, not by fewstep's counter)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(fewstep.METHODS))
+def test_sampling_uses_exactly_nfe_network_calls(name):
+    import unet
+    net = unet.create("tiny", extra_cond=True).eval()
+    calls = []
+    net.register_forward_hook(lambda *a: calls.append(1))
+    method = fewstep.METHODS[name]()
+    for nfe in (1, 2, 4, 8):
+        calls.clear()
+        with torch.no_grad():
+            x = method.sample(net, torch.randn(3, 1, 28, 28), nfe)
+        assert len(calls) == nfe and x.shape == (3, 1, 28, 28)
+
+
+def test_unsupported_nfe_is_refused_and_names_what_works():
+    with pytest.raises(fewstep.UnsupportedNFE, match="1, 2, 4, 8"):
+        Shortcut(max_steps=8).check_nfe(3)
+    with pytest.raises(fewstep.UnsupportedNFE, match="NFE 1"):
+        Reflow(distill=True).check_nfe(2)
+    with pytest.raises(fewstep.UnsupportedNFE):
+        RectifiedFlow().check_nfe(0)
+
+
+def test_batches_cover_each_epoch_once_and_ranks_split_the_global_batch():
+    images = torch.arange(10, dtype=torch.float32)[:, None]  # float tensors pass through unchanged
+    full = fewstep.Batches((images,), 4, seed=5)
+    seen = torch.cat([full(s)[0][:, 0] for s in range(5)])  # 20 positions = 2 epochs of 10
+    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
+    r0, r1 = fewstep.Batches((images,), 4, 5, rank=0, world=2), fewstep.Batches((images,), 4, 5, rank=1, world=2)
+    for s in range(5):
+        assert sorted(torch.cat([r0(s)[0], r1(s)[0]])[:, 0].tolist()) == sorted(full(s)[0][:, 0].tolist())
+    assert torch.equal(fewstep.Batches((images,), 4, seed=5)(3)[0], full(3)[0])  # a pure function of the step
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The training loop on real data (tiny preset, mnist5k)
+# ---------------------------------------------------------------------------------------------------------------
+TINY = ["--data", "mnist5k", "--arch", "tiny", "--batch-size", "16", "--lr", "1e-3", "--warmup", "0",
+        "--num-samples", "8", "--no-fid"]
+
+
+def losses(out):
+    return [r["loss"] for r in map(json.loads, (pathlib.Path(out) / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def rf_teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    fewstep.main(["--method", "rf", *TINY, "--steps", "30", "--out", str(out), "--nfe", "1"])
+    return out
+
+
+@pytest.mark.parametrize("name", list(fewstep.METHODS))
+def test_each_method_trains_with_falling_loss_and_writes_its_samples(name, tmp_path, rf_teacher):
+    extra = ["--teacher", str(rf_teacher), "--num-pairs", "64", "--teacher-steps", "4"] if name == "reflow" else []
+    result = fewstep.main(["--method", name, *TINY, "--steps", "40", "--out", str(tmp_path), *extra])
+    loss = losses(tmp_path)
+    assert len(loss) == 40 and np.mean(loss[:10]) > np.mean(loss[-10:]), loss
+    assert result["nfe_checked"] == {"1": 1, "2": 2, "4": 4}
+    for nfe in (1, 2, 4):
+        assert len(list((tmp_path / "samples" / f"nfe={nfe}").glob("*.png"))) == 8
+    assert (tmp_path / "grids" / "step0000000.png").exists() and (tmp_path / "grids" / "step0000040.png").exists()
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    assert ev["step"] == 40 and ev["num_samples"] == 8
+
+
+def test_resume_gives_the_same_losses_and_weights_as_an_uninterrupted_run(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = ["--method", "shortcut", *TINY, "--nfe", "1"]
+    fewstep.main([*args, "--steps", "12", "--out", str(a)])
+    fewstep.main([*args, "--steps", "6", "--out", str(b)])
+    fewstep.main([*args, "--steps", "12", "--out", str(b)])  # resumes at step 6
+    assert losses(a) == losses(b)  # bit for bit: same data order, noise, times, optimizer and EMA state
+    sa, sb = torch.load(a / "ckpt.pt", weights_only=True), torch.load(b / "ckpt.pt", weights_only=True)
+    assert sb["step"] == 12
+    for key in ("model", "ema"):
+        for k in sa[key]:
+            assert torch.equal(sa[key][k], sb[key][k]), (key, k)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    fewstep.main(["--method", "rf", *TINY, "--steps", "4", "--out", str(tmp_path), "--nfe", "1"])
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    calls = []
+    real_loss = RectifiedFlow.loss
+
+    def poisoned(self, *a, **k):
+        calls.append(1)
+        out = real_loss(self, *a, **k)
+        return out * float("nan") if len(calls) >= 3 else out
+
+    monkeypatch.setattr(RectifiedFlow, "loss", poisoned)
+    with pytest.raises(SystemExit) as e:
+        fewstep.main(["--method", "rf", *TINY, "--steps", "20", "--out", str(tmp_path), "--nfe", "1",
+                      "--ckpt-every", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "loss is nan at step 7" in err and "(step 6) is untouched" in err
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 6  # steps 5, 6 were good and saved
+    assert (tmp_path / "ckpt.pt").read_bytes() != before
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, str(ROOT / "fewstep.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_bad_input_is_one_line_without_traceback_and_writes_nothing(tmp_path, rf_teacher):
+    other = tmp_path / "other"
+    fewstep.main(["--method", "shortcut", *TINY, "--steps", "2", "--out", str(other), "--nfe", "1"])
+    ckpt_bytes = (other / "ckpt.pt").read_bytes()
+    cases = [
+        (["--method", "nope", "--out", str(tmp_path / "x")], "unknown method 'nope'"),
+        (["--method", "rf", "--nfe", "0", "--out", str(tmp_path / "x")], "NFE must be an integer >= 1"),
+        (["--method", "shortcut", "--nfe", "3", "--out", str(tmp_path / "x")], "it can do NFE 1, 2, 4"),
+        (["--method", "reflow", "--teacher", str(tmp_path / "missing"), "--out", str(tmp_path / "x")],
+         "no checkpoint"),
+        (["--method", "reflow", "--teacher", str(other), "--out", str(tmp_path / "x")], "is a shortcut run"),
+        (["--method", "rf", "--out", str(other)], "holds a shortcut run"),
+        (["--method", "shortcut", *TINY[:2], "--arch", "mnist", "--out", str(other)], "arch='tiny'"),
+    ]
+    for args, message in cases:
+        r = run_cli(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert "Traceback" not in r.stderr + r.stdout, r.stderr
+        assert message in r.stderr, (message, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert (other / "ckpt.pt").read_bytes() == ckpt_bytes  # the foreign run was not touched
+    assert not (tmp_path / "x").exists()
+
+
+def test_torchrun_two_gloo_processes_keep_identical_weights_and_write_one_checkpoint(tmp_path):
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(ROOT / "fewstep.py"), "--method", "shortcut", *TINY, "--steps", "6", "--device", "cpu",
+                        "--out", str(out), "--nfe", "1"], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "all 2 ranks hold identical weights at step 6" in r.stdout
+    assert "global batch 16 = 2 x 8" in r.stdout
+    assert sorted(p.name for p in out.glob("*.pt")) == ["ckpt.pt"]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 6
+    assert len(losses(out)) == 6  # one writer: each step logged once
