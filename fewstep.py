@@ -573,6 +573,8 @@ def train(args, cfg, method, state, rank, world, device):
         for g in opt.param_groups:  # linear warmup
             g["lr"] = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup"]))
         batch = batches(step)
+        if cfg.get("channels_last"):  # NHWC inputs for the NHWC network (CUDA)
+            batch = tuple(b.contiguous(memory_format=torch.channels_last) for b in batch)
         with autocast(cfg, device):
             loss = method.loss(model, *batch, ema=ema)
         loss_all = all_mean(loss.detach().float(), world)
