@@ -657,6 +657,22 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
+def check_run_method(ckpt, method, path, allow_raw=True):
+    """Refuse the checkpoint of a run that another script trained (config["method"]), e.g. a flow-matching velocity
+    net given to a diffusion sampler, which would sample noise without any error. Raw state dicts (no config) pass
+    if allow_raw. Runs from before the scripts recorded their method are told apart by a key only one writes."""
+    config = ckpt.get("config")
+    if not isinstance(config, dict):
+        if allow_raw:
+            return
+        raise CheckpointError(f"{path} is not the checkpoint of a run (it has no config); pass the ckpt.pt that "
+                              f"a {method} training run wrote")
+    found = config.get("method") or ("cfm" if "sigma_min" in config else "ddpm" if "diffusion" in config else None)
+    if found != method:
+        raise CheckpointError(f"{path} is the checkpoint of a {found or 'unknown'} run, not of a {method} run; "
+                              f"use it with the script that trained it")
+
+
 def rng_state():
     """RNG states of torch (CPU, CUDA), numpy and python as tensors/ints/floats, loadable with weights_only=True."""
     _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
