@@ -646,6 +646,9 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
+        if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
+            raise CheckpointError(f"{path} is not a torch checkpoint (torch.load: {type(e).__name__}); pass the "
+                                  f"ckpt.pt of a run or a state dict saved with torch.save") from e
         if "weights_only" in str(e) or "Weights only" in str(e):
             raise CheckpointError(f"checkpoint {path} holds objects that torch.load(weights_only=True) refuses; "
                                   f"save only tensors, dicts, lists, numbers and strings ({e})") from e
