@@ -208,6 +208,8 @@ def main(argv=None):
         settings = [(100, e) for e in eta_list]
     else:
         settings = [(args.steps, args.eta)]
+    for steps, _ in settings + [(args.steps, args.eta)]:
+        ddim_timesteps(T, steps)  # a step count the schedule cannot hold fails now, not after the first grids
     columns = {}
     for steps, eta in settings if args.num_instances else []:
         t0 = time.time()

@@ -137,20 +137,26 @@ def space_timesteps(T, section_counts):
     "ddimN": the DDIM paper's uniform stride, range(0, T, k) with the integer k that gives exactly N steps.
     """
     if isinstance(section_counts, str) and section_counts.startswith("ddim"):
-        n = int(section_counts[len("ddim"):])
+        n = int(section_counts[len("ddim"):]) if section_counts[len("ddim"):].isdigit() else 0
+        if n < 1:
+            raise data.UsageError(f"{section_counts!r}: write the DDIM step count as 'ddimN' with N >= 1, e.g. 'ddim25'")
         for stride in range(1, T):
             if len(range(0, T, stride)) == n:
                 return set(range(0, T, stride))
-        raise ValueError(f"'ddim{n}': no integer stride gives exactly {n} of {T} steps; "
+        raise data.UsageError(f"'ddim{n}': no integer stride gives exactly {n} of {T} steps; "
                          f"use a count like '{n}' (sections) instead")
     if isinstance(section_counts, str):
-        section_counts = [int(c) for c in section_counts.split(",")]
+        try:
+            section_counts = [int(c) for c in section_counts.split(",")]
+        except ValueError:
+            raise data.UsageError(f"--respace {section_counts!r}: use a step count ('250'), section counts "
+                                  f"('90,60,60,20,20') or 'ddimN'") from None
     size, extra = divmod(T, len(section_counts))
     kept, start = [], 0
     for i, count in enumerate(section_counts):
         n = size + (1 if i < extra else 0)  # steps in this section
         if not 1 <= count <= n:
-            raise ValueError(f"section {i} has {n} of the T={T} steps and cannot hold {count}; "
+            raise data.UsageError(f"section {i} has {n} of the T={T} steps and cannot hold {count}; "
                              f"use counts between 1 and {n} (or fewer sections)")
         stride = (n - 1) / (count - 1) if count > 1 else 1
         kept += [start + round(j * stride) for j in range(count)]  # round() is Python's (half to even)
@@ -303,6 +309,7 @@ def load_model(path, arch=None, adm_config=None, device="cpu"):
 # ----------------------------------------------------------------------------------------------------------
 def train(args):
     device = data.get_device(args.device)
+    Diffusion(make_betas(args.T, args.schedule)).respace(args.sample_respace)  # fails now, not at the first grid
     images = data.load(args.data, split="train", image_size=args.image_size)      # uint8 (N, C, H, W)
     out = data.make_out_dir(args.out)  # after the data: a dataset that fails to load leaves no empty run dir
     config = {"method": "ddpm", "data": args.data, "image_size": args.image_size, "arch": args.arch,
@@ -392,6 +399,9 @@ def sample(args):
         diffusion = diffusion.respace(args.respace)
     shape = config["shape"]
     var_type = args.var if args.var != "auto" else ("learned" if config["learn_sigma"] else "beta_tilde")
+    if var_type == "learned" and not config["learn_sigma"]:
+        raise data.UsageError(f"--var learned needs a net that outputs a variance (learn_sigma); {args.ckpt} has "
+                              f"none: use --var auto, beta or beta_tilde")
     param = "x0" if args.clip_x0 else args.param
     kw = dict(param=param, var_type=var_type, clip_x0=args.clip_x0)
     tag = f"ddpm{diffusion.T}"

@@ -56,6 +56,8 @@ CASES = [
     ("ddpm.py", ["--ckpt", "ddpm_run/ckpt.pt", "--num-samples", "0", "--fid", "4", "--fid-ref", "none.npz"], {},
      "none.npz does not exist"),
     ("ddpm.py", RAW + ["--device", "tpu9"], {}, "--device"),
+    ("ddpm.py", RAW + ["--respace", "abc", "--out", "o"], {}, "--respace 'abc'"),
+    ("ddim.py", RAW + ["--steps", "5000", "--out", "o"], {}, "--steps 5000"),
     ("ddim.py", ["--ckpt", "missing.pt"], {}, "missing.pt does not exist"),
     ("ddim.py", ["--ckpt", "text.pt"], {}, "not a torch checkpoint"),
     ("ddim.py", ["--ckpt", "cfm_run/ckpt.pt"], {}, "cfm run"),
