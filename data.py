@@ -61,12 +61,27 @@ from PIL import Image
 from tqdm import tqdm
 
 
-class DatasetUnavailable(RuntimeError):
+class UsageError(ValueError):
+    """A mistake in a command or its inputs that the user can fix: an unknown dataset or preset, a missing or foreign
+    file, a folder that cannot be written. The message names the problem and the fix; run_cli prints it as one line
+    and exits with status 2, without a traceback. Every other exception is a bug and keeps its traceback."""
+
+
+class MissingFileError(UsageError, FileNotFoundError):
+    """A file the user named (checkpoint, weights, statistics) does not exist."""
+
+
+class DatasetUnavailable(UsageError, RuntimeError):
     """A dataset could not be found, downloaded or read; the message says which file and what to do instead."""
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file exists but cannot be read (truncated, corrupt, or holds objects weights_only refuses)."""
+class CheckpointError(UsageError, RuntimeError):
+    """A checkpoint cannot be used: truncated, corrupt, not a checkpoint, holds objects weights_only refuses, or was
+    written by another script (a flow-matching run given to a diffusion sampler)."""
+
+
+class DeviceUnavailable(UsageError, RuntimeError):
+    """--device names a device this machine or this torch build does not have."""
 
 
 ALTERNATIVES = ("Alternatives that need no download: --data mnist5k (5,000 real MNIST digits shipped by "
@@ -221,7 +236,7 @@ def load_mnist(root=None, split="train"):
     """
     split = {"val": "test"}.get(split, split)
     if split not in ("train", "test"):
-        raise ValueError(f"MNIST split must be 'train' or 'test', got {split!r}")
+        raise UsageError(f"MNIST split must be 'train' or 'test', got {split!r}")
     prefix = "train" if split == "train" else "t10k"
     folder = data_root(root) / "mnist"
     paths = []
@@ -314,7 +329,7 @@ def simpsons_split_ids(split, root=None):
     """Image ids (ints, in file order) of the CS492(C) split; looks in <root>/splits, then the repo's data/splits."""
     split = {"test": "val"}.get(split, split)
     if split not in ("train", "val"):
-        raise ValueError(f"simpsons split must be 'train' or 'val', got {split!r}")
+        raise UsageError(f"simpsons split must be 'train' or 'val', got {split!r}")
     name = f"simpsons_{split}_split.txt"
     for folder in (data_root(root) / "splits", SPLITS_DIR):
         if (folder / name).exists():
@@ -425,7 +440,7 @@ def load_folder(path, image_size=None, channels=None):
             modes.add(im.mode)
     if image_size is None and len(sizes) > 1:
         examples = ", ".join(f"{p.name} {w}x{h}" for (w, h), p in list(sizes.items())[:3])
-        raise ValueError(f"folder:{path}: images differ in size ({examples}); pass an image size "
+        raise UsageError(f"folder:{path}: images differ in size ({examples}); pass an image size "
                          f"(--image-size / image_size=) to resize them all")
     if channels is None:
         channels = 1 if modes <= {"1", "L", "LA"} else 3
@@ -437,6 +452,23 @@ def load_folder(path, image_size=None, channels=None):
 # ----------------------------------------------------------------------------------------------------------------
 # One entry point for the scripts
 # ----------------------------------------------------------------------------------------------------------------
+
+DATASETS = ("mnist", "mnist5k", "simpsons")  # and folder:PATH
+
+
+def is_dataset_spec(spec):
+    """True for a name load() knows (mnist, mnist5k, simpsons, folder:PATH); says nothing about availability."""
+    return spec in DATASETS or spec.startswith("folder:")
+
+
+def held_out_split(spec, split="train"):
+    """The split of `spec` that holds images a model trained on `split` has not seen, or `split` itself where the
+    dataset has none: mnist train -> test, simpsons train -> val, mnist5k even <-> odd; mnist5k's other splits (all
+    5,000 digits) and folder:PATH have no held-out part, so the training images themselves are the reference."""
+    held_out = {("mnist", "train"): "test", ("simpsons", "train"): "val",
+                ("mnist5k", "even"): "odd", ("mnist5k", "odd"): "even"}
+    return held_out.get((spec, split), split)
+
 
 def load(spec, split="train", root=None, image_size=None, channels=None):
     """Load a dataset by name as a uint8 tensor (N, C, H, W).
@@ -456,7 +488,7 @@ def load(spec, split="train", root=None, image_size=None, channels=None):
         if split in ("even", "odd"):  # class-balanced halves: 250 of each class (rows are sorted by class)
             x = x[0::2] if split == "even" else x[1::2]
     else:
-        raise ValueError(f"unknown dataset {spec!r}; use mnist, mnist5k, simpsons or folder:PATH")
+        raise UsageError(f"unknown dataset {spec!r}; use one of {', '.join(DATASETS)} or folder:PATH")
     return _adapt(x, image_size, channels)
 
 
@@ -491,10 +523,16 @@ def infinite_batches(images, batch_size, generator=None, device="cpu"):
         yield to_float(images[idx.to(images.device)])
 
 
-def save_grid(images, path, nrow=None, padding=2):
+GRID_MIN_CELL = 96  # pixels: smaller images are enlarged in grids to at least this size, so a 28x28 digit is visible
+
+
+def save_grid(images, path, nrow=None, padding=2, scale=None):
     """Write images (N, C, H, W), float in [-1, 1] or uint8, C in {1, 3}, as one PNG grid.
 
     nrow: images per row (default ceil(sqrt(N))); `padding` black pixels between and around images.
+    scale: integer factor by which the whole grid is enlarged, each pixel becoming a scale x scale block (nearest
+    neighbour: pixel values are kept, nothing is interpolated); default: the smallest factor that makes an image at
+    least GRID_MIN_CELL pixels wide (4 for 28x28 MNIST, 2 for 64x64, 1 from 96 pixels up).
     """
     x = torch.as_tensor(images).detach().cpu()
     x = x[None] if x.ndim == 3 else x
@@ -509,7 +547,8 @@ def save_grid(images, path, nrow=None, padding=2):
         r, q = divmod(i, nrow)
         top, left = padding + r * (h + padding), padding + q * (w + padding)
         grid[:, top:top + h, left:left + w] = x[i]
-    arr = grid.permute(1, 2, 0).numpy()
+    scale = scale or max(1, math.ceil(GRID_MIN_CELL / max(h, w)))
+    arr = grid.permute(1, 2, 0).numpy().repeat(scale, axis=0).repeat(scale, axis=1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr[:, :, 0] if c == 1 else arr).save(path)
@@ -525,11 +564,40 @@ def get_device(name="auto"):
     error rather than a silent fallback to the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's message lists dozens of backends; ours names the three that make sense here
+        raise DeviceUnavailable(f"unknown --device {name!r}; use auto, cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name} was asked for, but torch.cuda.is_available() is False (no GPU or a "
-                           f"CPU-only torch build); use --device cpu or --device auto")
+        raise DeviceUnavailable(f"--device {name} was asked for, but torch.cuda.is_available() is False (no GPU or a "
+                                f"CPU-only torch build); use --device cpu or --device auto")
     return device
+
+
+def make_out_dir(path, option="--out"):
+    """Create the folder `path` (and its parents) and check that a file can be written in it, so that a typo or a
+    read-only place fails at once with a UsageError instead of after minutes of training or sampling."""
+    path = Path(path).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:  # PermissionError, NotADirectoryError (a file on the path), FileExistsError, read-only fs
+        raise UsageError(f"cannot write to {option} {path} ({e.strerror or type(e).__name__}); "
+                         f"pass a folder you can write to") from None
+    return path
+
+
+def run_cli(main, prog=None):
+    """Call a script's main(); a UsageError (bad input the user can fix) is printed as one line, "prog: error: ...",
+    and exits with status 2 as argparse does for a bad option. Any other exception is a bug: it propagates with its
+    traceback."""
+    try:
+        return main()
+    except UsageError as e:
+        prog = prog or Path(sys.argv[0]).name
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, however the message wraps
+        raise SystemExit(2) from None
 
 
 def seed_everything(seed):
@@ -574,15 +642,38 @@ def load_checkpoint(path, map_location="cpu"):
     """torch.load(path, weights_only=True) with errors that name the file and say what to do."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise MissingFileError(f"checkpoint {path} does not exist; check the path, or train a run first")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
+        if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
+            raise CheckpointError(f"{path} is not a torch checkpoint (torch.load: {type(e).__name__}); pass the "
+                                  f"ckpt.pt of a run or a state dict saved with torch.save") from e
         if "weights_only" in str(e) or "Weights only" in str(e):
             raise CheckpointError(f"checkpoint {path} holds objects that torch.load(weights_only=True) refuses; "
                                   f"save only tensors, dicts, lists, numbers and strings ({e})") from e
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {e}); delete it to "
-                              f"start over, or restore it from a copy") from e
+        raise CheckpointError(f"{path} is not a torch checkpoint, or it is truncated or corrupt ({type(e).__name__}: "
+                              f"{e}); pass the ckpt.pt of a run, or delete it to start over") from e
+    if not isinstance(ckpt, dict):  # every checkpoint we read is a dict (a run's state or a raw state dict)
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict; pass the ckpt.pt of a run "
+                              f"or a state dict")
+    return ckpt
+
+
+def check_run_method(ckpt, method, path, allow_raw=True):
+    """Refuse the checkpoint of a run that another script trained (config["method"]), e.g. a flow-matching velocity
+    net given to a diffusion sampler, which would sample noise without any error. Raw state dicts (no config) pass
+    if allow_raw. Runs from before the scripts recorded their method are told apart by a key only one writes."""
+    config = ckpt.get("config")
+    if not isinstance(config, dict):
+        if allow_raw:
+            return
+        raise CheckpointError(f"{path} is not the checkpoint of a run (it has no config); pass the ckpt.pt that "
+                              f"a {method} training run wrote")
+    found = config.get("method") or ("cfm" if "sigma_min" in config else "ddpm" if "diffusion" in config else None)
+    if found != method:
+        raise CheckpointError(f"{path} is the checkpoint of a {found or 'unknown'} run, not of a {method} run; "
+                              f"use it with the script that trained it")
 
 
 def rng_state():
@@ -695,7 +786,7 @@ def plot_metrics(out_dir, keys=("loss",), path=None):
 # CLI: download/cache a dataset and look at it
 # ----------------------------------------------------------------------------------------------------------------
 
-if __name__ == "__main__":
+def main(argv=None):
     parser = argparse.ArgumentParser(description="Download and cache a dataset, print its shape, write a preview.")
     parser.add_argument("data", help="mnist | mnist5k | simpsons | folder:PATH")
     parser.add_argument("--split", default="train")
@@ -704,15 +795,19 @@ if __name__ == "__main__":
     parser.add_argument("--channels", type=int, default=None, choices=(1, 3))
     parser.add_argument("--n", type=int, default=64, help="images in the preview grid")
     parser.add_argument("--out", default=None, help="preview PNG (default <root>/preview_<data>_<split>.png)")
-    args = parser.parse_args()
-    try:
-        x = load(args.data, args.split, args.root, args.image_size, args.channels)
-    except DatasetUnavailable as e:
-        sys.exit(f"error: {e}")
+    args = parser.parse_args(argv)
+    if not is_dataset_spec(args.data):
+        parser.error(f"unknown dataset {args.data!r}; use one of {', '.join(DATASETS)} or folder:PATH")
+    name = "folder" if args.data.startswith("folder:") else args.data
+    out = Path(args.out or data_root(args.root) / f"preview_{name}_{args.split}.png")
+    make_out_dir(out.parent, "--out")  # before the download, not after it
+    x = load(args.data, args.split, args.root, args.image_size, args.channels)
     xf = x.float()
     print(f"{args.data} [{args.split}]: shape {tuple(x.shape)} {x.dtype}, min {int(x.min())}, max {int(x.max())}, "
           f"mean {xf.mean():.2f}, std {xf.std():.2f}")
     pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:args.n]
-    name = "folder" if args.data.startswith("folder:") else args.data
-    out = args.out or data_root(args.root) / f"preview_{name}_{args.split}.png"
     print(f"preview of {len(pick)} random images: {save_grid(x[pick], out)}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

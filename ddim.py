@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import fid
 import unet
 
 
@@ -55,7 +56,7 @@ def make_alphas_cumprod(T=1000, schedule="linear"):
 def ddim_timesteps(T, steps):
     """The DDIM paper's "uniform" subsequence tau_i = floor(i T / S), i = 0..S-1 (= range(0, T, T // S) when S | T)."""
     if not 1 <= steps <= T:
-        raise ValueError(f"--steps {steps} must be between 1 and T={T}")
+        raise data.UsageError(f"--steps {steps} must be between 1 and T={T}")
     return [i * T // steps for i in range(steps)]
 
 
@@ -119,7 +120,12 @@ def load_model(path, arch=None, adm_config=None, device="cpu"):
     A raw ADM file needs arch (a unet preset such as "adm-ffhq256") or adm_config (guided-diffusion's
     create_model kwargs, as published with the checkpoint); see unet.from_checkpoint.
     """
-    net, info = unet.from_checkpoint(data.load_checkpoint(path), arch, adm_config, source=path)
+    ckpt = data.load_checkpoint(path)
+    data.check_run_method(ckpt, "ddpm", path)  # a flow-matching velocity net is no eps predictor
+    try:
+        net, info = unet.from_checkpoint(ckpt, arch, adm_config, source=path)
+    except ValueError as e:  # not a model file, or weights that do not fit the named architecture
+        raise data.CheckpointError(f"{path} cannot be loaded: {e}") from e
     info.setdefault("diffusion", {"T": 1000, "schedule": "linear"})  # all published unconditional ADM models
     return net.to(device), info
 
@@ -153,7 +159,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--ckpt", required=True, help="ddpm.py ckpt.pt or a raw ADM state dict (then --arch)")
-    p.add_argument("--arch", default=None, help="unet preset of a raw ADM checkpoint, e.g. adm-ffhq256")
+    p.add_argument("--arch", default=None, choices=sorted(unet.PRESETS),
+                   help="unet preset of a raw ADM checkpoint, e.g. adm-ffhq256")
     p.add_argument("--adm-config", default=None, help="JSON of guided-diffusion create_model kwargs (raw ADM)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--eta", type=float, default=0.0)
@@ -163,34 +170,46 @@ def main(argv=None):
     p.add_argument("--eta-list", default="0,0.2,0.5,1.0")
     p.add_argument("--num-instances", type=int, default=10, help="instances per setting (1, 10; 0: no grids)")
     p.add_argument("--clip-x0", action="store_true", help="clamp x0_hat to [-1, 1] at every step")
-    p.add_argument("--fid", type=int, default=0, help="score N samples with fid.py (at --steps, --eta)")
-    p.add_argument("--fid-ref", default=None, help="data spec, folder or .npz (default: the training data)")
-    p.add_argument("--fid-ref-n", type=int, default=None, help="only the first N images of a data-spec reference")
     p.add_argument("--batch-size", type=int, default=500, help="FID sampling batch")
     p.add_argument("--compile", action="store_true", help="torch.compile the net (worth it for long FID runs)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output dir (default: the checkpoint's dir)")
+    fid.add_arguments(p).title = "FID (of samples at --steps, --eta)"
     args = p.parse_args(argv)
-    if args.eta < 0 or any(float(e) < 0 for e in args.eta_list.split(",")):
+    try:
+        steps_list = [int(v) for v in args.steps_list.split(",")]
+        eta_list = [float(v) for v in args.eta_list.split(",")]
+    except ValueError:
+        p.error(f"--steps-list / --eta-list must be comma-separated numbers, got {args.steps_list!r} / "
+                f"{args.eta_list!r}")
+    if args.eta < 0 or any(e < 0 for e in eta_list):
         p.error(f"eta must be >= 0 (got --eta {args.eta}, --eta-list {args.eta_list})")
+    try:
+        adm_config = json.loads(args.adm_config) if args.adm_config else None
+    except json.JSONDecodeError as e:
+        p.error(f"--adm-config is not valid JSON ({e})")
 
     device = data.get_device(args.device)
-    net, info = load_model(args.ckpt, args.arch, json.loads(args.adm_config) if args.adm_config else None, device)
+    net, info = load_model(args.ckpt, args.arch, adm_config, device)
+    out = data.make_out_dir(args.out or pathlib.Path(args.ckpt).parent)
+    if args.fid:  # weights and reference first: a mistake there ends the command before minutes of sampling
+        ref = fid.reference_for(args.fid_ref, info.get("data"), out, args.fid_ref_n,
+                                image_size=info.get("image_size"))
     if args.compile:  # ~1.5x faster sampling on CPU after a one-off compile of about a minute (per batch shape)
         net = torch.compile(net)
     T = info["diffusion"]["T"]
     abar = make_alphas_cumprod(T, info["diffusion"]["schedule"])
-    out = pathlib.Path(args.out or pathlib.Path(args.ckpt).parent)
-    out.mkdir(parents=True, exist_ok=True)
     x_T = get_noise_x_t(args.num_instances, info["shape"], seed=args.seed, device=device)
 
     if args.sweep == "steps":
-        settings = [(int(s), args.eta) for s in args.steps_list.split(",")]
+        settings = [(s, args.eta) for s in steps_list]
     elif args.sweep == "eta":
-        settings = [(100, float(e)) for e in args.eta_list.split(",")]
+        settings = [(100, e) for e in eta_list]
     else:
         settings = [(args.steps, args.eta)]
+    for steps, _ in settings + [(args.steps, args.eta)]:
+        ddim_timesteps(T, steps)  # a step count the schedule cannot hold fails now, not after the first grids
     columns = {}
     for steps, eta in settings if args.num_instances else []:
         t0 = time.time()
@@ -207,7 +226,6 @@ def main(argv=None):
         print("wrote", path)
 
     if args.fid:
-        import fid
         samples, t0 = [], time.time()
         for k in tqdm(range(0, args.fid, args.batch_size), desc=f"FID samples (ddim{args.steps}, eta {args.eta:g})"):
             n = min(args.batch_size, args.fid - k)
@@ -216,17 +234,13 @@ def main(argv=None):
                                 seed=args.seed + 2 * 10**6 + k, clip_x0=args.clip_x0, progress=False)
             samples.append(data.to_uint8(x0.clamp(-1, 1)).cpu())
         sec = (time.time() - t0) / args.fid
-        ref = args.fid_ref or info.get("data")
-        score = fid.compute_fid(torch.cat(samples), fid.reference_statistics(ref, out, args.fid_ref_n))
+        score = fid.compute_fid(torch.cat(samples), ref)
         tag = f"ddim{args.steps}_eta{args.eta:g}"
-        ref_label = f"{ref} (first {args.fid_ref_n})" if args.fid_ref_n else ref
+        ref_label = pathlib.Path(ref).name
         print(f"FID {tag} ({args.fid} samples vs {ref_label}): {score:.2f}   [{sec:.3f} s per image]")
         data.log_metrics(out, {"fid": score, "step": info.get("step"), "sampler": tag, "clip_x0": args.clip_x0,
                                "n": args.fid, "ref": ref_label, "sec_per_image": sec})
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, data.DatasetUnavailable, data.CheckpointError) as e:
-        raise SystemExit(f"ddim.py: {e}")  # a missing file or dataset is the user's to fix: no traceback
+    data.run_cli(main)  # a user's mistake (data.UsageError): one line, exit status 2; a bug: a traceback

