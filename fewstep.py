@@ -814,7 +814,8 @@ def parse_args(argv=None):
     p.add_argument("--ema-decay", type=float, default=None, help="EMA decay (new run: 0.9999)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="bf16 autocast on CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the training network")
-    p.add_argument("--num-samples", type=positive_int, default=1000, help="samples per NFE for FID")
+    p.add_argument("--num-samples", "--fid", dest="num_samples", type=positive_int, default=1000,
+                   help="samples per NFE, written and scored (--fid N as in the other scripts)")
     p.add_argument("--eval-batch-size", type=positive_int, default=250)
     p.add_argument("--teacher", default=None, help="RUN_DIR of a trained rf run (reflow)")
     p.add_argument("--out", default=None, help="run directory (default runs/<method>-<data>)")
