@@ -301,7 +301,176 @@ class Shortcut:
         return x
 
 
-METHODS = {"rf": RectifiedFlow, "reflow": Reflow, "shortcut": Shortcut}
+# ----------------------------------------------------------------------------------------------------------------
+# meanflow / imf: average-velocity models
+# ----------------------------------------------------------------------------------------------------------------
+def jvp_attention_safe(fn, primals, tangents):
+    """torch.func.jvp(fn, primals, tangents) -> (fn(*primals), J tangents), with scaled_dot_product_attention
+    restricted to its math backend: the fused flash / memory-efficient CUDA kernels have no forward-mode rule,
+    while the math backend is plain matmul + softmax, which do (the result is the same attention)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch.func.jvp(fn, primals, tangents)
+
+
+class MeanFlow:
+    """MeanFlow (Geng et al. 2025): the network predicts the AVERAGE velocity over an interval instead of the
+    instantaneous one, so a single evaluation can cross the whole path.
+
+    In this file's convention (t = 0 noise, t = 1 data, sampling runs forward) the network gets the current time t
+    and a later time s >= t and predicts
+        u(x_t, t, s) = 1 / (s - t) int_t^s v(x_tau, tau) dtau,      so that  x_s = x_t + (s - t) u(x_t, t, s).
+    Differentiating (s - t) u = int_t^s v in t (s fixed, x_t moving along the ODE, dx_t/dt = v) gives the MeanFlow
+    identity
+        u(x_t, t, s) = v(x_t, t) + (s - t) du/dt,    du/dt = v . d_x u + d_t u       (Geng et al. Eq. 6)
+    (the paper's z_t = (1 - t') x + t' e runs the other way, t' = 1 - t, r' = 1 - s, v' = -v, u' = -u: its
+    u = v - (t' - r') du/dt is the same equation). The training target replaces the unknown marginal v by the
+    conditional velocity v = x1 - x0 and du/dt by a Jacobian-vector product of the network along the tangent
+    (dx, dt, ds) = (v, 1, 0), and is stopped from the gradient (Eq. 9-10):
+        L = || u_theta(x_t, t, s) - sg[ v + (s - t) (v . d_x u_theta + d_t u_theta) ] ||^2.
+    At s = t the target is v itself: the r = t share of the batch is plain flow matching.
+
+    Recipe (Geng et al. Sec. 4.3 and Table 1; their CIFAR-10 U-Net settings, the closest to this task, are the
+    defaults): in the paper's convention t', r' ~ logit-normal(time_mean, time_std) independently, sorted so that
+    t' >= r', and r' := t' for a share 1 - ratio of the batch (ratio = share with r' != t'); here t = 1 - t',
+    s = 1 - r'. Adaptive loss weighting (Sec. 4.3): w = 1 / (||delta||^2 + c)^p per sample, stopped from the
+    gradient, with ||delta||^2 the squared error summed over pixels. CIFAR-10: lognorm(-2, 2), ratio 0.75, p 0.75,
+    c 1e-3 (ImageNet: lognorm(-0.4, 1), ratio 0.25, p 1).
+    Second scalar: the network's cond is the span s - t (Table 1c: (t, t - r) is the paper's choice). At s = t it
+    is 0, where unet.py's zero-initialised cond embedding makes a new network a plain flow-matching net, and the
+    one-step jump (0 -> 1) is span 1, like shortcut's d = 1.
+    Sampling (Alg. 2): NFE n on the uniform grid t_k = k / n, x_{k+1} = x_k + (1/n) u(x_k, t_k, t_{k+1}).
+    """
+
+    name = "meanflow"
+    uses_cond = True  # the span s - t through the network's second scalar
+    uses_jvp = True  # the loss differentiates the network forward-mode (see --compile in train())
+    summary = ("MeanFlow: the network predicts the average velocity u(x_t, t, s) over [t, s], so that "
+               "x_s = x_t + (s - t) u. It is trained on the MeanFlow identity u = v + (s - t) du/dt, whose total "
+               "derivative du/dt = v . grad_x u + d_t u is a Jacobian-vector product of the network (torch.func.jvp "
+               "along (v, 1, 0)), with the regression target stopped from the gradient; 25% of each batch has "
+               "s = t (flow matching), (t, s) come from a logit-normal, and per-sample adaptive weights "
+               "1 / (err + c)^p normalise the loss. One step from noise is x1 = x0 + u(x0, 0, 1).")
+    citations = ("Geng, Deng, Bai, Kolter, He. Mean Flows for One-step Generative Modeling. NeurIPS 2025, "
+                 "arXiv:2505.13447.",)
+
+    def __init__(self, ratio=0.75, time_mean=-2.0, time_std=2.0, adaptive_p=0.75, adaptive_c=1e-3):
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"ratio (share of the batch with s != t) must be in [0, 1], got {ratio!r}")
+        if not time_std > 0:
+            raise ValueError(f"time_std must be > 0, got {time_std!r}")
+        if adaptive_p < 0 or not adaptive_c > 0:
+            raise ValueError(f"adaptive weighting needs p >= 0 and c > 0, got p={adaptive_p!r}, c={adaptive_c!r}")
+        self.ratio, self.time_mean, self.time_std = float(ratio), float(time_mean), float(time_std)
+        self.adaptive_p, self.adaptive_c = float(adaptive_p), float(adaptive_c)
+
+    def config(self):
+        return {"ratio": self.ratio, "time_mean": self.time_mean, "time_std": self.time_std,
+                "adaptive_p": self.adaptive_p, "adaptive_c": self.adaptive_c}
+
+    def check_nfe(self, nfe):
+        if not isinstance(nfe, int) or nfe < 1:
+            raise UnsupportedNFE(f"NFE must be an integer >= 1, got {nfe!r}")
+
+    def average_velocity(self, net, x, t, s):
+        """u_theta(x, t, s) for t <= s: (B,) in [0, 1]; the network sees 1000 t and the span 1000 (s - t)."""
+        return net(x, TIME_SCALE * t, cond=TIME_SCALE * (s - t))
+
+    def total_derivative(self, net, x, t, s, dxdt):
+        """(u_theta(x, t, s), du_theta/dt) in one forward-mode pass: the JVP along (dx, dt, ds) = (dxdt, 1, 0),
+        i.e. x moving with velocity dxdt, t at rate 1, s fixed. The first output keeps its graph (it is the
+        prediction), the second is only ever used stopped from the gradient."""
+        tangents = (dxdt, torch.ones_like(t), torch.zeros_like(s))
+        if isinstance(net, torch.nn.parallel.DistributedDataParallel):
+            # DDP's gradient hooks cannot run inside torch.func.jvp: take du/dt from the wrapped module without a
+            # graph (it is stopped anyway) and the prediction from an ordinary forward through DDP (+1 forward).
+            with torch.no_grad():
+                _, dudt = jvp_attention_safe(lambda x, t, s: self.average_velocity(net.module, x, t, s),
+                                             (x, t, s), tangents)
+            return self.average_velocity(net, x, t, s), dudt
+        return jvp_attention_safe(lambda x, t, s: self.average_velocity(net, x, t, s), (x, t, s), tangents)
+
+    def sample_times(self, b, device):
+        """(t, s), t <= s, drawn in the paper's convention and mapped to this file's (see the class docstring)."""
+        tp = torch.sigmoid(self.time_mean + self.time_std * torch.randn(b, device=device))
+        rp = torch.sigmoid(self.time_mean + self.time_std * torch.randn(b, device=device))
+        tp, rp = torch.maximum(tp, rp), torch.minimum(tp, rp)  # t' >= r'
+        rp = torch.where(torch.rand(b, device=device) < 1 - self.ratio, tp, rp)  # r' = t' for 1 - ratio of them
+        return 1 - tp, 1 - rp  # t = 1 - t' (nearer the noise), s = 1 - r'
+
+    def adaptive_loss(self, err):
+        """err: (B,) squared errors summed over pixels -> mean of sg(w) err, w = 1 / (err + c)^p (Sec. 4.3)."""
+        w = 1.0 / (err.detach() + self.adaptive_c) ** self.adaptive_p
+        self.last_metrics = {"mse": err.detach().mean().item() / self._pixels}  # unweighted, per pixel, for logs
+        return (w * err).mean()
+
+    def loss(self, net, x1, x0=None, ema=None):
+        x0 = torch.randn_like(x1) if x0 is None else x0
+        t, s = self.sample_times(x1.shape[0], x1.device)
+        xt = (1 - expand_t(t, x1)) * x0 + expand_t(t, x1) * x1
+        v = x1 - x0  # conditional velocity dx_t/dt
+        u, dudt = self.total_derivative(net, xt, t, s, v)
+        u_tgt = (v + expand_t(s - t, v) * dudt.float()).detach()  # MeanFlow identity (Eq. 6), sg[.] (Eq. 9)
+        self._pixels = x1[0].numel()
+        return self.adaptive_loss((u.float() - u_tgt).pow(2).flatten(1).sum(1))
+
+    def sample(self, net, noise, nfe):
+        """n = nfe jumps on t_k = k / n: x_{k+1} = x_k + (t_{k+1} - t_k) u(x_k, t_k, t_{k+1}). Exactly n calls."""
+        self.check_nfe(nfe)
+        x = noise
+        for k in range(nfe):
+            t = torch.full((x.shape[0],), k / nfe, device=x.device)
+            s = torch.full((x.shape[0],), (k + 1) / nfe, device=x.device)
+            x = x + expand_t(s - t, x) * self.average_velocity(net, x, t, s)
+        return x
+
+
+class ImprovedMeanFlow(MeanFlow):
+    """Improved MeanFlow, iMF (Geng et al. 2026): the same network u_theta, trained by a loss on the instantaneous
+    velocity. MeanFlow's identity solved for v defines a compound prediction of v from the network,
+        V_theta(x_t, t, s) = u_theta(x_t, t, s) - (s - t) sg[du_theta/dt],                 (iMF Sec. 4.1)
+    and V is regressed on the conditional velocity, L = || V_theta - (x1 - x0) ||^2: the target no longer depends
+    on the network, a standard regression problem (MeanFlow's target u_tgt contains u_theta's own JVP). The JVP's
+    tangent is the network's own instantaneous velocity v_theta(x_t, t) = u_theta(x_t, t, t) (the boundary s = t),
+    not the conditional x1 - x0, so that V_theta is a function of x_t alone, as a predictor of the marginal
+    velocity must be (iMF Alg. 1 with the boundary condition instead of an extra v-head; a U-Net has one head).
+    (The paper's convention runs the other way: V' = u' + (t' - r') sg[du'/dt'] there is -V here.)
+    Defaults are the authors' released recipe (logit-normal(-0.4, 1) for both times, half of each batch with s = t,
+    adaptive weighting p = 1, c = 0.01). Guidance as a condition, in-context conditioning and the CFG interval are
+    iMF's parts for class-conditional ImageNet; this task is unconditional, so they do not apply.
+    """
+
+    name = "imf"
+    summary = ("Improved MeanFlow: the network predicts the average velocity u(x_t, t, s) as in MeanFlow, but is "
+               "trained by a loss on the instantaneous velocity: V = u - (s - t) sg[du/dt] must equal the "
+               "conditional velocity x1 - x0, with du/dt a Jacobian-vector product along the network's own "
+               "velocity u(x_t, t, t). The regression target is thus independent of the network. Half of each "
+               "batch has s = t, times are logit-normal, per-sample adaptive weights 1 / (err + c) normalise the "
+               "loss; one step from noise is x1 = x0 + u(x0, 0, 1).")
+    citations = ("Geng, Lu, Wu, Shechtman, Kolter, He. Improved Mean Flows: On the Challenges of Fastforward "
+                 "Generative Models. CVPR 2026, arXiv:2512.02012.", MeanFlow.citations[0])
+
+    def __init__(self, ratio=0.5, time_mean=-0.4, time_std=1.0, adaptive_p=1.0, adaptive_c=0.01):
+        super().__init__(ratio, time_mean, time_std, adaptive_p, adaptive_c)
+
+    def loss(self, net, x1, x0=None, ema=None):
+        x0 = torch.randn_like(x1) if x0 is None else x0
+        t, s = self.sample_times(x1.shape[0], x1.device)
+        xt = (1 - expand_t(t, x1)) * x0 + expand_t(t, x1) * x1
+        V = self.compound_velocity(net, xt, t, s)
+        self._pixels = x1[0].numel()
+        return self.adaptive_loss((V - (x1 - x0)).pow(2).flatten(1).sum(1))  # a target free of theta
+
+    def compound_velocity(self, net, xt, t, s):
+        """V_theta(x_t, t, s) = u_theta(x_t, t, s) - (s - t) sg[du_theta/dt], du/dt along v_theta = u(x_t, t, t).
+        For the exact average velocity of any flow, V is that flow's instantaneous velocity, whatever s is."""
+        with torch.no_grad():  # the tangent only enters the stopped du/dt, so it needs no graph
+            v_theta = self.average_velocity(net, xt, t, t)  # u(x_t, t, t) = v_theta(x_t, t)
+        u, dudt = self.total_derivative(net, xt, t, s, v_theta)
+        return u.float() - expand_t(s - t, u) * dudt.float().detach()  # compound velocity (iMF Sec. 4.1)
+
+
+METHODS = {"rf": RectifiedFlow, "reflow": Reflow, "shortcut": Shortcut, "meanflow": MeanFlow, "imf": ImprovedMeanFlow}
 
 
 # ================================================================================================================
@@ -553,7 +722,11 @@ def train(args, cfg, method, state, rank, world, device):
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
                                                           else None)
-    if cfg.get("compile"):
+    if cfg.get("compile") and getattr(method, "uses_jvp", False):
+        log(f"fewstep.py: --compile is not used for {method.name}: its loss is a torch.func.jvp of the network, and "
+            f"a compiled module inside an eager jvp falls back to eager at every step (PyTorch issue #128711); "
+            f"training runs eagerly")
+    elif cfg.get("compile"):
         model = torch.compile(model)
 
     best_fid = state.get("best_fid", math.inf) if state is not None else math.inf
@@ -612,7 +785,7 @@ def train(args, cfg, method, state, rank, world, device):
         if not main_proc:
             continue
         data.log_metrics(out, {"step": step, "loss": loss_all.item(), "grad_norm": float(grad_norm),
-                               "lr": opt.param_groups[0]["lr"]})
+                               "lr": opt.param_groups[0]["lr"], **getattr(method, "last_metrics", {})})
         bar.update(1)
         bar.set_postfix(loss=f"{loss_all.item():.4f}", img_s=f"{cfg['batch_size'] / (time.time() - t0):.0f}")
         if step in early or step % args.sample_every == 0:
@@ -636,7 +809,7 @@ def train(args, cfg, method, state, rank, world, device):
         save()
         if step not in early and step % args.sample_every:
             grid()
-        data.plot_metrics(out, keys=("loss",))
+        data.plot_metrics(out, keys=("loss", "mse"))  # mse: the unweighted error of adaptively weighted losses
         log(f"stopped at step {step} ({(time.time() - t_start) / 60:.1f} min this run, {train_seconds / 60:.1f} min "
             f"of training steps in all); {out / 'ckpt.pt'}, {out / 'loss.png'}")
     return step, ema
@@ -867,6 +1040,14 @@ def parse_args(argv=None):
     g.add_argument("--fm-d", choices=("zero", "min"), default="zero", help="shortcut: d of the flow-matching part")
     g.add_argument("--no-bootstrap-ema", dest="bootstrap_ema", action="store_false",
                    help="shortcut: bootstrap targets from the online net instead of the EMA")
+    g.add_argument("--ratio", type=float, default=None,
+                   help="meanflow/imf: share of the batch with s != t (default 0.75 meanflow, 0.5 imf)")
+    g.add_argument("--time-mean", type=float, default=None,
+                   help="meanflow/imf: logit-normal mean of the times, paper convention (default -2 / -0.4)")
+    g.add_argument("--time-std", type=float, default=None, help="meanflow/imf: logit-normal std (default 2 / 1)")
+    g.add_argument("--adaptive-p", type=float, default=None,
+                   help="meanflow/imf: adaptive weight power p, 0 = plain L2 (default 0.75 / 1)")
+    g.add_argument("--adaptive-c", type=float, default=None, help="meanflow/imf: adaptive weight c (1e-3 / 0.01)")
     return p.parse_args(argv)
 
 
@@ -879,6 +1060,10 @@ def method_kwargs(name, args):
     if name == "shortcut":
         return {"max_steps": args.max_steps, "bootstrap_every": args.bootstrap_every, "fm_d": args.fm_d,
                 "bootstrap_ema": args.bootstrap_ema, "time_dist": args.time_dist}
+    if name in ("meanflow", "imf"):  # only what was given: the two methods have different defaults
+        given = {"ratio": args.ratio, "time_mean": args.time_mean, "time_std": args.time_std,
+                 "adaptive_p": args.adaptive_p, "adaptive_c": args.adaptive_c}
+        return {k: v for k, v in given.items() if v is not None}
     return {}
 
 

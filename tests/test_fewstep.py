@@ -246,8 +246,11 @@ TINY = ["--data", "mnist5k", "--arch", "tiny", "--batch-size", "16", "--lr", "1e
 
 
 def losses(out):
-    return [r["loss"] for r in map(json.loads, (pathlib.Path(out) / "metrics.jsonl").read_text().splitlines())
-            if "loss" in r]
+    """The logged loss per step; for adaptively weighted losses (meanflow, imf: w = 1 / (err + c)^p, nearly
+    constant at p = 1) the unweighted squared error "mse" that they log next to it."""
+    records = [r for r in map(json.loads, (pathlib.Path(out) / "metrics.jsonl").read_text().splitlines())
+               if "loss" in r]
+    return [r.get("mse", r["loss"]) for r in records]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,184 @@
+"""Tests for fewstep.py's average-velocity methods, meanflow and imf.
+
+Known answers used here (derived independently of fewstep.py):
+- 1-D Gaussian data N(M, S^2) (see test_fewstep.py): the rectified-flow ODE has the affine flow map
+  flow(x, t -> s), so the exact average velocity is u(x, t, s) = (flow(x, t -> s) - x) / (s - t), with the
+  instantaneous velocity v(x, t) as its limit s -> t. For it, MeanFlow's identity u = v + (s - t) du/dt holds and
+  iMF's compound V = u - (s - t) du/dt (du/dt along v) equals v for every s.
+- A point mass x1 = c: every path is the straight line from x0 to c, the velocity (c - x) / (1 - t) is constant
+  along it, so u(x, t, s) = (c - x) / (1 - t) for every s and the conditional velocity c - x0 IS the marginal one:
+  both losses vanish for the exact network.
+- A finite difference of a U-Net along (v, 1, 0) for the JVP.
+"""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import fewstep
+import unet
+from fewstep import ImprovedMeanFlow, MeanFlow, expand_t
+from test_fewstep import TINY, M, S, exact_flow, exact_velocity, fit, grid_x, ks_pvalue, losses
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class ExactAverageVelocityNet(nn.Module):
+    """u(x, t, s) of N(M, S^2) data as a net(x, 1000 t, cond = 1000 (s - t)); v(x, t) at s = t."""
+
+    def forward(self, x, t, cond=None):
+        t, span = expand_t(t / 1000, x), expand_t(cond / 1000, x)
+        avg = (exact_flow(x, t, t + span) - x) / torch.where(span > 0, span, torch.ones_like(span))
+        return torch.where(span > 0, avg, exact_velocity(x, t))
+
+
+def random_times(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    t = 0.9 * torch.rand(n, generator=g)
+    return t, t + (1 - t) * torch.rand(n, generator=g)  # 0 <= t <= s <= 1
+
+
+def test_unet_jvp_equals_a_finite_difference_of_the_total_derivative():
+    """du/dt = v . d_x u + d_t u of the tiny U-Net (self-attention in its middle block) from torch.func.jvp
+    against a central difference along the same direction: (u(x + h v, t + h, s) - u(x - h v, t - h, s)) / 2h.
+    Measured relative difference at h = 1e-3 in float32: 3e-4; the tolerance is 1e-2. A JVP along (v, 0, 1),
+    the paper's convention applied without rewriting it, differs by O(1)."""
+    torch.manual_seed(0)
+    net = unet.create("tiny", extra_cond=True).eval()
+    with torch.no_grad():  # a new net outputs exactly 0 (zero-initialised output layer): give it weights
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, v = torch.randn(4, 1, 28, 28), torch.randn(4, 1, 28, 28)
+    t, s = random_times(4, seed=1)
+    method = MeanFlow()
+    u, dudt = method.total_derivative(net, x, t, s, v)
+    h = 1e-3
+    with torch.no_grad():
+        fd = (method.average_velocity(net, x + h * v, t + h, s) - method.average_velocity(net, x - h * v, t - h, s))
+        fd = fd / (2 * h)
+        torch.testing.assert_close(u, method.average_velocity(net, x, t, s))
+        wrong = (method.average_velocity(net, x, t, s + h) - method.average_velocity(net, x, t, s - h)) / (2 * h)
+    rel = ((dudt - fd).norm() / fd.norm()).item()
+    assert rel < 1e-2, rel
+    assert ((wrong - fd).norm() / fd.norm()).item() > 0.1
+
+
+def test_targets_of_the_exact_average_velocity_of_gaussian_data():
+    """For the exact u of N(M, S^2) data: iMF's compound velocity is the true v(x, t) for every s (its tangent is
+    the net's own u(x, t, t)), and MeanFlow's target with the true velocity as tangent is u itself."""
+    net = ExactAverageVelocityNet()
+    x = torch.randn(64, 1)
+    t, s = random_times(64, seed=2)
+    v = exact_velocity(x, expand_t(t, x))
+    torch.testing.assert_close(ImprovedMeanFlow().compound_velocity(net, x, t, s), v, rtol=1e-5, atol=1e-5)
+    u, dudt = MeanFlow().total_derivative(net, x, t, s, v)
+    torch.testing.assert_close(v + expand_t(s - t, v) * dudt, u, rtol=1e-5, atol=1e-5)
+    assert (dudt.abs() > 1e-2).any()  # the identity is not satisfied trivially: u does change along the path
+
+
+@pytest.mark.parametrize("cls", [MeanFlow, ImprovedMeanFlow])
+def test_loss_is_zero_for_the_exact_average_velocity_of_a_point_mass(cls):
+    c = 0.7
+
+    class PointMassNet(nn.Module):
+        def __init__(self, offset=0.0):
+            super().__init__()
+            self.offset = offset
+
+        def forward(self, x, t, cond=None):
+            return (c - x) / (1 - expand_t(t / 1000, x)) + self.offset
+
+    x1 = torch.full((256, 3, 4, 4), c)
+    torch.manual_seed(0)
+    exact = cls().loss(PointMassNet(), x1).item()
+    torch.manual_seed(0)
+    off = cls().loss(PointMassNet(offset=0.01), x1).item()
+    assert abs(exact) < 1e-8 and off > 1e-4, (exact, off)
+
+
+def fit_and_score(method, steps):
+    net = fit(method, steps=steps)
+    return ks_pvalue(method, net, 1), ks_pvalue(method, net, 4), net
+
+
+@pytest.mark.parametrize("cls", [MeanFlow, ImprovedMeanFlow])
+def test_learns_the_exact_average_velocity_and_samples_the_target_at_nfe_1_and_4(cls):
+    """Plain L2 (adaptive_p = 0): in one dimension the adaptive weights 1 / (err + c)^p make the loss a robust
+    one whose minimiser is not the conditional mean (with p = 1 it is E log(err + c)); with images, err sums
+    over thousands of pixels and concentrates, which is where the paper uses them. MeanFlow's CIFAR-10 times
+    (logit-normal(-2, 2), 75% s != t) for both."""
+    method = cls(adaptive_p=0.0, ratio=0.75, time_mean=-2.0, time_std=2.0)
+    p1, p4, net = fit_and_score(method, steps=2500)
+    with torch.no_grad():
+        for t, s in ((0.0, 1.0), (0.0, 0.5), (0.5, 1.0)):
+            x = grid_x(t)
+            tt, ss = torch.full((len(x),), t), torch.full((len(x),), s)
+            err = (method.average_velocity(net, x, tt, ss) - (exact_flow(x, t, s) - x) / (s - t)).abs().max()
+            assert err < 0.15, (t, s, err.item())
+    assert p1 > 1e-3 and p4 > 1e-3, (p1, p4)
+
+
+class MeanFlowSignError(MeanFlow):
+    """u_tgt = v - (s - t) du/dt: the paper's equation copied without rewriting it into this file's time."""
+
+    def total_derivative(self, net, x, t, s, dxdt):
+        u, dudt = super().total_derivative(net, x, t, s, dxdt)
+        return u, -dudt
+
+
+class MeanFlowMissingSpan(MeanFlow):
+    """u_tgt = v + du/dt: the factor (s - t) dropped."""
+
+    def total_derivative(self, net, x, t, s, dxdt):
+        u, dudt = super().total_derivative(net, x, t, s, dxdt)
+        return u, dudt / expand_t((s - t).clamp_min(1e-6), dudt) * expand_t((s > t).float(), dudt)
+
+
+class ImprovedMeanFlowSignError(ImprovedMeanFlow):
+    def total_derivative(self, net, x, t, s, dxdt):
+        u, dudt = super().total_derivative(net, x, t, s, dxdt)
+        return u, -dudt
+
+
+@pytest.mark.parametrize("cls", [MeanFlowSignError, MeanFlowMissingSpan, ImprovedMeanFlowSignError])
+def test_the_exactness_test_fails_for_a_wrong_target(cls):
+    method = cls(adaptive_p=0.0, ratio=0.75, time_mean=-2.0, time_std=2.0)
+    with np.errstate(all="ignore"):
+        p1, _, _ = fit_and_score(method, steps=1000)
+    assert not p1 > 1e-3, p1  # NaN (diverged) counts as failing
+
+
+@pytest.mark.parametrize("name", ["meanflow", "imf"])
+def test_resume_gives_the_same_losses_and_weights_as_an_uninterrupted_run(name, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = ["--method", name, *TINY, "--nfe", "1"]
+    fewstep.main([*args, "--steps", "8", "--out", str(a)])
+    fewstep.main([*args, "--steps", "4", "--out", str(b)])
+    fewstep.main([*args, "--steps", "8", "--out", str(b)])
+    assert losses(a) == losses(b)
+    sa, sb = torch.load(a / "ckpt.pt", weights_only=True), torch.load(b / "ckpt.pt", weights_only=True)
+    for key in ("model", "ema"):
+        for k in sa[key]:
+            assert torch.equal(sa[key][k], sb[key][k]), (key, k)
+
+
+def test_compile_is_a_clear_fallback_said_once(tmp_path, capsys):
+    fewstep.main(["--method", "meanflow", *TINY, "--steps", "2", "--out", str(tmp_path), "--nfe", "1", "--compile"])
+    out = capsys.readouterr().out
+    assert out.count("--compile is not used for meanflow") == 1
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+def test_bad_hyperparameters_are_user_errors(tmp_path):
+    for args, message in ((["--ratio", "1.5"], "ratio"), (["--time-std", "0"], "time_std"),
+                          (["--adaptive-c", "0"], "adaptive weighting")):
+        with pytest.raises(SystemExit) as e:
+            fewstep.main(["--method", "imf", *TINY, "--steps", "1", "--out", str(tmp_path / "x"), *args])
+        assert e.value.code == 2
+    assert not (tmp_path / "x").exists()
