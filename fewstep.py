@@ -14,6 +14,10 @@ Methods (each a small class with `loss(net, x1)` and `sample(net, noise, nfe)`, 
   reflow    k-rectified flow (Liu et al. 2023, Sec. 2.3 "reflow", and its one-step distillation): retrain on
             (noise, teacher ODE output) pairs of a trained rf run (--teacher RUN_DIR).
   shortcut  Frans, Hafner, Levine, Abbeel. One Step Diffusion via Shortcut Models. ICLR 2025, arXiv:2410.12557.
+  meanflow  Geng, Deng, Bai, Kolter, He. Mean Flows for One-step Generative Modeling. NeurIPS 2025,
+            arXiv:2505.13447.
+  imf       Geng, Lu, Wu, Shechtman, Kolter, He. Improved Mean Flows: On the Challenges of Fastforward Generative
+            Models. CVPR 2026, arXiv:2512.02012.
 
 Time convention of the whole file (the same as cfm_mnist.py): t in [0, 1], t = 0 is noise x0 ~ N(0, I), t = 1 is
 data x1 (an image in [-1, 1]); the path is x_t = (1 - t) x0 + t x1 and sampling integrates FORWARD from 0 to 1.
@@ -21,6 +25,7 @@ Liu et al. write X_t = t X1 + (1 - t) X0 with X0 the noise, and Frans et al. use
 need no rewriting. The network is fed 1000 t (and shortcut's step size as 1000 d through unet.py's second scalar):
 unet.py's sinusoidal embedding was designed for DDPM's integer steps 0..999, so this keeps its frequencies in the
 range they were chosen for, and step sizes 1/128 .. 1 become 7.8 .. 1000, far enough apart to be told apart.
+meanflow and imf feed their span s - t the same way (1000 (s - t)), so 0 means "instantaneous velocity".
 
 Equations (x0 ~ N(0, I), x1 ~ data, t ~ p(t)):
   rf        L = E || v_theta(x_t, t) - (x1 - x0) ||^2                                           (Liu et al. Eq. 1)
@@ -33,6 +38,13 @@ Equations (x0 ~ N(0, I), x1 ~ data, t ~ p(t)):
               + E || s_theta(x_t, t, 2d) - sg[ (s(x_t, t, d) + s(x'_{t+d}, t + d, d)) / 2 ] ||^2,
                     x'_{t+d} = x_t + d s(x_t, t, d)                           self-consistency, 1/4  (Frans Eq. 5)
             NFE n (a power of two up to M = 128): d = 1/n, x_{k+1} = x_k + d s_theta(x_k, k d, d)
+  meanflow  u_theta(x_t, t, s) is the average velocity over [t, s] (s >= t): x_s = x_t + (s - t) u(x_t, t, s);
+            the identity u = v + (s - t) du/dt, du/dt = v . d_x u + d_t u (a JVP along (v, 1, 0)), gives
+            L = E w || u_theta(x_t, t, s) - sg[ v + (s - t) du_theta/dt ] ||^2,   v = x1 - x0     (Geng Eq. 9-10)
+            w = sg[1 / (||.||^2 + c)^p] (adaptive weighting); NFE n: x_{k+1} = x_k + (1/n) u(x_k, k/n, (k+1)/n)
+            (the paper's z_t = (1 - t') x + t' e runs backwards: t' = 1 - t, r' = 1 - s, u' = -u, v' = -v)
+  imf       V_theta = u_theta(x_t, t, s) - (s - t) sg[du_theta/dt], du/dt along v_theta = u_theta(x_t, t, t)
+            L = E w || V_theta - (x1 - x0) ||^2: a target free of theta; sampled as meanflow     (iMF Sec. 4.1)
 
 Each method takes any `net(x, t, cond=None)` (t, cond: (B,) floats) and knows nothing else of this file, so a class
 can be lifted into another codebase together with expand_t / sample_time. NFE is exact: `sample(net, noise, n)`
