@@ -18,15 +18,8 @@ import torch.nn as nn
 import fewstep
 import unet
 from fewstep import ImprovedMeanFlow, MeanFlow, expand_t
-from test_fewstep import TINY, M, S, exact_flow, exact_velocity, fit, grid_x, ks_pvalue, losses
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from test_fewstep import TINY, exact_flow, exact_velocity, fit, grid_x, ks_pvalue, losses
+from test_fewstep import one_thread  # noqa: F401  (autouse fixture: small MLPs on one thread)
 
 
 class ExactAverageVelocityNet(nn.Module):
