@@ -318,10 +318,14 @@ class Shortcut:
 # ----------------------------------------------------------------------------------------------------------------
 def jvp_attention_safe(fn, primals, tangents):
     """torch.func.jvp(fn, primals, tangents) -> (fn(*primals), J tangents), with scaled_dot_product_attention
-    restricted to its math backend: the fused flash / memory-efficient CUDA kernels have no forward-mode rule,
-    while the math backend is plain matmul + softmax, which do (the result is the same attention)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    with sdpa_kernel(SDPBackend.MATH):
+    held to its math backend: that one is plain matmul + softmax, whose forward-mode rules exist, while the fused
+    CUDA kernels (flash, memory-efficient) may lack them (not checked on a GPU here). Same attention either way."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel  # torch >= 2.3
+        math_only = sdpa_kernel(SDPBackend.MATH)
+    except ImportError:
+        math_only = torch.backends.cuda.sdp_kernel(enable_flash=False, enable_mem_efficient=False, enable_math=True)
+    with math_only:
         return torch.func.jvp(fn, primals, tangents)
 
 
