@@ -5,6 +5,8 @@ resizing, network, statistics and the Frechet distance), on the same folders and
 A and B are the first --n digits of mnist5k's even and odd halves, written as 28x28 gray PNGs. The two tools run
 in turn, A B A B ..., so that a change in the machine's load (a shared machine) hits both alike; the medians are
 compared. fid.py runs with --no-cache (its folder-statistics cache would otherwise make a second run instant).
+Each run reports its wall-clock time and its CPU time (user + system of the process and its threads): on a machine
+that other jobs share, the wall clock measures the load as much as the tool, the CPU time mostly the tool.
 
 clean-fid is not a dependency of this project and is timed only where it can be imported (add its location with
 --cleanfid-path, e.g. after `pip install --no-deps --target /tmp/cleanfid clean-fid==0.1.35`). It imports
@@ -22,6 +24,7 @@ Usage:
 import argparse
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -110,14 +113,21 @@ def cleanfid_env(cleanfid_path, workdir, weights):
     return env, folder, None
 
 
+def children_cpu_seconds():
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def timed_run(cmd, env):
-    t = time.perf_counter()
+    """(wall-clock seconds, CPU seconds of the process and its threads, FID). CPU time is the work done, which a
+    busy machine inflates far less than the wall clock, so both are reported."""
+    t, c = time.perf_counter(), children_cpu_seconds()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    dt = time.perf_counter() - t
+    dt, cpu = time.perf_counter() - t, children_cpu_seconds() - c
     found = re.findall(r"FID: ([0-9.eE+-]+)", r.stdout)
     if r.returncode != 0 or not found:
         raise RuntimeError(f"{' '.join(map(str, cmd[:3]))} ... failed ({r.returncode}):\n{r.stderr[-2000:]}")
-    return dt, float(found[-1])
+    return dt, cpu, float(found[-1])
 
 
 def main():
@@ -140,20 +150,24 @@ def main():
                              str(weights)], dict(os.environ))}
         if env_c is not None:
             tools["clean-fid"] = ([sys.executable, "-c", CLEANFID_RUN, str(a), str(b), str(wdir)], env_c)
-        times, fids = {t: [] for t in tools}, {t: [] for t in tools}
+        times, cpus, fids = ({t: [] for t in tools} for _ in range(3))
         for r in range(args.repeats):
             for name, (cmd, env) in tools.items():
-                dt, value = timed_run(cmd, env)
+                dt, cpu, value = timed_run(cmd, env)
                 times[name].append(dt)
+                cpus[name].append(cpu)
                 fids[name].append(value)
-                print(f"run {r + 1} {name:9s}: {dt:7.1f} s  FID {value:.6f}  (load average "
+                print(f"run {r + 1} {name:9s}: {dt:7.1f} s wall, {cpu:7.1f} s CPU  FID {value:.6f}  (load average "
                       f"{os.getloadavg()[0]:.1f})", flush=True)
     med = {t: statistics.median(v) for t, v in times.items()}
+    med_cpu = {t: statistics.median(v) for t, v in cpus.items()}
     for t in tools:
-        print(f"{t:9s}: median {med[t]:7.1f} s of {len(times[t])} runs, FID {fids[t][-1]:.6f}")
+        print(f"{t:9s}: median {med[t]:7.1f} s wall, {med_cpu[t]:7.1f} s CPU of {len(times[t])} runs, "
+              f"FID {fids[t][-1]:.6f}")
     if "clean-fid" in tools:
         rel = abs(fids["fid.py"][-1] - fids["clean-fid"][-1]) / fids["clean-fid"][-1]
-        print(f"clean-fid / fid.py = {med['clean-fid'] / med['fid.py']:.2f}x; FIDs differ by {rel:.1e} (relative)")
+        print(f"clean-fid / fid.py = {med['clean-fid'] / med['fid.py']:.2f}x wall clock, "
+              f"{med_cpu['clean-fid'] / med_cpu['fid.py']:.2f}x CPU time; FIDs differ by {rel:.1e} (relative)")
 
 
 if __name__ == "__main__":
