@@ -763,7 +763,8 @@ def train(args, cfg, method, state, rank, world, device):
         data.write_config(out, cfg)
         log(f"fewstep.py: {cfg['method']} on {cfg['data']} {tuple(images.shape[1:])}, preset {cfg['arch']} "
             f"({unet.count_parameters(net):,} parameters), global batch {cfg['batch_size']} = {world} x "
-            f"{cfg['batch_size'] // world}, device {device}, steps {step} -> {cfg['steps']}"
+            f"{cfg['batch_size'] // world}, device {device}, steps {step} -> "
+            + (f"{cfg['steps']}" if cfg["steps"] < 10 ** 9 else "as many as the time allows")
             + (f", at most {args.minutes:g} min this run" if args.minutes else ""))
         if step == 0:
             grid()  # the untrained net: the first frame of the write-up's "samples from early training"
