@@ -51,6 +51,8 @@ Usage:
     python fewstep.py --method shortcut --data simpsons --arch challenge --steps 250000 --batch-size 128
     torchrun --nproc_per_node=4 fewstep.py --method shortcut --arch challenge   # DistributedDataParallel
     python fewstep.py --out runs/rf-mnist5k --eval-only --nfe 1 2 4 --report     # score an existing run again
+    python fewstep.py --method shortcut --net course:CHECKOUT --out runs/sc-course   # the course's U-Net (CS492(C))
+    python fewstep.py --out runs/sc-course --export-submission CHECKOUT --force   # what the official sampling.py loads
 Rerunning a training command resumes from RUN/ckpt.pt. A run directory holds config.json, ckpt.pt (best.pt with
 --fid-every), metrics.jsonl, loss.png, grids/step*.png (8 samples from fixed noise at each NFE), samples/nfe=N/*.png,
 eval.json and, with --report, report.md.
@@ -807,9 +809,12 @@ def write_report(out, cfg, method, state):
               "- Heusel et al. GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium. "
               "NeurIPS 2017, arXiv:1706.08500 (FID); Parmar, Zhang, Zhu. On Aliased Resizing and Surprising "
               "Subtleties in GAN Evaluation. CVPR 2022, arXiv:2104.11222 (clean-fid preprocessing).",
-              "- Code: this project's fewstep.py, unet.py, data.py and fid.py (one file each, no other code base)."
-              + (" The network: the U-Net of the CS492(C) base code (KAIST Visual AI Group), src/network.py, "
-                 "unmodified." if cfg.get("net") else "")]
+              "- Code: this project's fewstep.py, unet.py, data.py and fid.py (one file each, no other code base)."]
+    if cfg.get("net"):  # --net course:PATH: the network is the course's, not unet.py's
+        lines[-3] = ("- Ho, Jain, Abbeel. Denoising Diffusion Probabilistic Models. NeurIPS 2020, arXiv:2006.11239 "
+                     "(the U-Net design of the course's network).")
+        lines[-1] = ("- Code: this project's fewstep.py, data.py and fid.py; the network is the U-Net of the CS492(C) "
+                     "base code (KAIST Visual AI Group), src/network.py, unmodified.")
     path = out / "report.md"
     data.write_atomic(path, lambda f: f.write("\n".join(lines) + "\n"), mode="w")
     return path
@@ -886,10 +891,13 @@ class CourseNet(torch.nn.Module):
         self.network, self.use_additional_condition = network, use_additional_condition
 
     def forward(self, x, t, cond=None):
+        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])  # (B,); a number means the same for every image
         if cond is None and self.use_additional_condition:
             cond = torch.zeros_like(t)
         elif cond is not None and not self.use_additional_condition:
             raise ValueError("cond was given but the course network was built with use_additional_condition=False")
+        elif cond is not None:
+            cond = torch.as_tensor(cond, device=x.device).expand(x.shape[0])
         return self.network(x, t, cond)
 
 
@@ -927,7 +935,10 @@ def export_closure(roots, tail):
     (this project's data/fid/unet, other packages, objects that are not code or plain constants) is refused."""
     home = sys.modules[__name__]
     copyable = {home.__name__} | {r.__module__ for r in roots}
-    free = lambda mod: mod.split(".")[0] in ("torch", "numpy") or mod.split(".")[0] in sys.stdlib_module_names
+
+    def free(mod):  # importable in the TAs' environment: torch, numpy, the standard library
+        return mod.split(".")[0] in ("torch", "numpy") or mod.split(".")[0] in sys.stdlib_module_names
+
     imports, consts, blocks, bound, done = {}, {}, {}, {}, set()
     todo = [(tail, home, None)] + [(None, sys.modules[r.__module__], r) for r in roots]
     while todo:
@@ -1179,7 +1190,9 @@ def export_submission(out, dest, force, log=print):
         data.write_atomic(dest / name, lambda fh, blob=blob: fh.write(blob))
     log(f"submission: {dest} ({cfg['method']}, EMA weights of {out}/ckpt.pt at step {state['step']}); checked in a "
         f"fresh process: NFE {', '.join(map(str, CHALLENGE_NFES))} match fewstep's sampler, exact network calls. "
-        f"Sample it with the official script: cd {dest} && python sampling.py --save_dir samples")
+        + ("Sample it as the TAs do: " if (dest / "sampling.py").exists() else
+           "Put the official sampling.py into it and sample it as the TAs do: ")
+        + f"cd {dest} && python sampling.py --save_dir samples")
     return dest
 
 
@@ -1346,7 +1359,7 @@ def new_config(args, method, device, log):
             args.minutes = CPU_MINUTES
         if args.arch is None or args.minutes == CPU_MINUTES:
             log(f"no GPU: preset {arch}, " + (f"{args.minutes:g} minutes" if args.minutes else f"{steps} steps")
-                + "; pass --arch/--minutes to change")
+                + ("; pass --minutes to change" if net else "; pass --arch/--minutes to change"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if batch % world:
         raise UserError(f"--batch-size {batch} is not divisible by the {world} processes; use a multiple of {world}")

@@ -539,15 +539,8 @@ class ShortcutOneStepOnly(Shortcut):
 
 
 def test_course_net_and_export_refuse_bad_input_in_one_line(course_run, tmp_path, rf_teacher, monkeypatch, capsys):
+    """main() in-process: SystemExit(2) and one stderr line (main prints data.UsageError's message, no traceback)."""
     root, out = course_run
-    r = run_cli("--method", "rf", "--net", f"course:{tmp_path / 'no-checkout'}", "--out", str(tmp_path / "x"))
-    assert r.returncode == 2 and "there is no src/network.py" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
-
-    other = tmp_path / "theirs"  # a folder that holds someone else's submission (here: the course's template)
-    (other / "checkpoints").mkdir(parents=True)
-    (other / "custom_model.py").write_text("def create_custom_model(device='cpu', **kwargs): ...\n")
-    before = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
 
     def refused(args, message):
         with pytest.raises(SystemExit) as e:
@@ -555,6 +548,14 @@ def test_course_net_and_export_refuse_bad_input_in_one_line(course_run, tmp_path
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
+    refused(["--method", "rf", "--net", f"course:{tmp_path / 'no-checkout'}", "--out", str(tmp_path / "x")],
+            "there is no src/network.py")
+    assert not (tmp_path / "x").exists()
+
+    other = tmp_path / "theirs"  # a folder that holds someone else's submission (here: the course's template)
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "custom_model.py").write_text("def create_custom_model(device='cpu', **kwargs): ...\n")
+    before = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
     refused(["--out", str(out), "--export-submission", str(other)],
             "already holds a different submission (custom_model.py)")
     assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before  # nothing written
