@@ -42,7 +42,9 @@ The interface, all a new method needs: `name`, `uses_cond` (does it feed the net
 `loss(net, x1, x0=None, ema=None)` and `sample(net, noise, nfe)`. A method that learns from a trained run adds
 `teacher_methods` (the methods it accepts with --teacher), optionally `needs_teacher`, `init_from_teacher` (start
 from the teacher's weights) and `teacher_ok(teacher_config)`; training then sets `method.teacher`, the teacher
-run's frozen EMA network, before the first loss.
+run's frozen EMA network, before the first loss. --export-submission (the CS492(C) submission) copies the class, its bases and
+the module-level code they use into a standalone custom_model.py: sample() may rely on the network, the method's
+config() and torch / numpy / the standard library only (checked when exporting).
 
 Usage:
     python fewstep.py --method shortcut --nfe 1                      # Simpsons (mnist5k when offline), score NFE 1
@@ -1336,6 +1338,7 @@ def new_config(args, method, device, log):
         if course and (args.arch or args.channels == 1):
             raise UserError("--net course:PATH trains the course's U-Net (3 channels, fixed hyperparameters); "
                             "drop --arch and --channels 1")
+        net = course_net_config(course, method.uses_cond) if course else None  # checks the checkout first
         spec, images = load_images(args.data or "simpsons", args.data is not None,
                                    args.image_size or (CHALLENGE_SHAPE[1] if course else None),
                                    args.channels or (3 if course else None), log)
@@ -1343,9 +1346,8 @@ def new_config(args, method, device, log):
         arch = args.arch or (GPU_DEFAULTS["arch"] if gpu else ("mnist" if h <= 32 else "tiny"))
         ukw = unet.preset_kwargs(arch, image_size=h, in_channels=c)
         ukw["extra_cond"] = bool(ukw.get("extra_cond")) or method.uses_cond
-        net = None
         if course:  # the course's network: config["unet"] keeps only the image shape and whether a cond is fed
-            net, arch = course_net_config(course, method.uses_cond), "course"
+            arch = "course"
             ukw = {"image_size": h, "in_channels": c, "extra_cond": method.uses_cond}
             factor = 2 ** (len(net["kwargs"].get("ch_mult", [1])) - 1)
             if h % factor:
