@@ -42,9 +42,9 @@ The interface, all a new method needs: `name`, `uses_cond` (does it feed the net
 `loss(net, x1, x0=None, ema=None)` and `sample(net, noise, nfe)`. A method that learns from a trained run adds
 `teacher_methods` (the methods it accepts with --teacher), optionally `needs_teacher`, `init_from_teacher` (start
 from the teacher's weights) and `teacher_ok(teacher_config)`; training then sets `method.teacher`, the teacher
-run's frozen EMA network, before the first loss. --export-submission (the CS492(C) submission) copies the class, its bases and
-the module-level code they use into a standalone custom_model.py: sample() may rely on the network, the method's
-config() and torch / numpy / the standard library only (checked when exporting).
+run's frozen EMA network, before the first loss. --export-submission (the CS492(C) submission) copies the class,
+its bases and the module-level code they use into a standalone custom_model.py, so sample() may rely on the network,
+the method's config() and torch / numpy / the standard library only (checked when exporting).
 
 Usage:
     python fewstep.py --method shortcut --nfe 1                      # Simpsons (mnist5k when offline), score NFE 1
