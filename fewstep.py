@@ -54,7 +54,9 @@ The interface, all a new method needs: `name`, `uses_cond` (does it feed the net
 `loss(net, x1, x0=None, ema=None)` and `sample(net, noise, nfe)`. A method that learns from a trained run adds
 `teacher_methods` (the methods it accepts with --teacher), optionally `needs_teacher`, `init_from_teacher` (start
 from the teacher's weights) and `teacher_ok(teacher_config)`; training then sets `method.teacher`, the teacher
-run's frozen EMA network, before the first loss.
+run's frozen EMA network, before the first loss. --export-submission (the CS492(C) submission) copies the class,
+its bases and the module-level code they use into a standalone custom_model.py, so sample() may rely on the network,
+the method's config() and torch / numpy / the standard library only (checked when exporting).
 
 Usage:
     python fewstep.py --method shortcut --nfe 1                      # Simpsons (mnist5k when offline), score NFE 1
@@ -63,20 +65,31 @@ Usage:
     python fewstep.py --method shortcut --data simpsons --arch challenge --steps 250000 --batch-size 128
     torchrun --nproc_per_node=4 fewstep.py --method shortcut --arch challenge   # DistributedDataParallel
     python fewstep.py --out runs/rf-mnist5k --eval-only --nfe 1 2 4 --report     # score an existing run again
+    python fewstep.py --method shortcut --net course:CHECKOUT --out runs/sc-course   # the course's U-Net (CS492(C))
+    python fewstep.py --out runs/sc-course --export-submission CHECKOUT --force   # what the official sampling.py loads
 Rerunning a training command resumes from RUN/ckpt.pt. A run directory holds config.json, ckpt.pt (best.pt with
 --fid-every), metrics.jsonl, loss.png, grids/step*.png (8 samples from fixed noise at each NFE), samples/nfe=N/*.png,
 eval.json and, with --report, report.md.
 """
 import argparse
+import ast
 import copy
+import dis
+import hashlib
+import importlib
+import inspect
 import json
 import math
 import os
 import pathlib
 import platform
 import shutil
+import subprocess
 import sys
+import tempfile
+import textwrap
 import time
+import types
 
 import numpy as np
 import torch
@@ -638,7 +651,7 @@ class Batches:
 # Runs: config, network, checkpoints
 # ----------------------------------------------------------------------------------------------------------------
 def build_net(cfg, device):
-    net = unet.UNetModel(**cfg["unet"]).to(device)
+    net = (course_net(cfg["net"]) if cfg.get("net") else unet.UNetModel(**cfg["unet"])).to(device)
     return net.to(memory_format=torch.channels_last) if cfg.get("channels_last") else net
 
 
@@ -696,7 +709,7 @@ def train(args, cfg, method, state, rank, world, device):
     teacher_state = None
     if cfg.get("teacher"):  # distillation: the teacher run's EMA network, frozen, as method.teacher
         teacher_state, _ = load_run(cfg["teacher"], "--teacher")
-        teacher_net, _ = unet.from_checkpoint(teacher_state, weights="ema")
+        teacher_net = ema_net(teacher_state)
         method.teacher = teacher_net.to(device).eval().requires_grad_(False)
 
     # Data: images, or reflow's (x1, x0) pairs generated once from the teacher.
@@ -839,6 +852,11 @@ def init_from(net, teacher_sd):
     own = net.state_dict()
     if any(k.startswith("cond_embed") for k in own) and not any(k.startswith("cond_embed") for k in teacher_sd):
         teacher_sd = dict(teacher_sd, **{k: v for k, v in own.items() if k.startswith("cond_embed")})
+    # The course's U-Net fuses [time, condition] embeddings through an MLP that is not zero-initialised: such a
+    # student keeps its own random condition_embedding / condition_fusion and does not start as the teacher.
+    cond_keys = ("network.condition_embedding.", "network.condition_fusion.")
+    if any(k.startswith(cond_keys) for k in own) and not any(k.startswith(cond_keys) for k in teacher_sd):
+        teacher_sd = dict(teacher_sd, **{k: v for k, v in own.items() if k.startswith(cond_keys)})
     unet.load_state_dict_checked(net, teacher_sd)
 
 
@@ -861,7 +879,7 @@ def reflow_pairs(out, method, teacher_state, cfg, num_pairs, rank, world, device
     folder, chunk = out / "pairs", 500
     starts = range(0, num_pairs, chunk)
     if rank == 0:
-        teacher, _ = unet.from_checkpoint(teacher_state, weights="ema")
+        teacher = ema_net(teacher_state)
         teacher = teacher.to(device)
         todo = [s for s in starts if not (folder / f"{s // chunk:05d}.pt").exists()]
         shape = (cfg["unet"]["in_channels"], cfg["unet"]["image_size"], cfg["unet"]["image_size"])
@@ -951,8 +969,10 @@ def write_report(out, cfg, method, state):
     early = grids[:4] + grids[-1:] if len(grids) > 5 else grids
     lines = [f"# {cfg['method']} on {cfg['data']}: few-step generation report", "",
              "## Method", "", method.summary, "",
-             f"Hyperparameters of the method: `{json.dumps(cfg['method_args'])}`. Network: unet.py preset "
-             f"`{cfg['arch']}` ({cfg.get('num_parameters', 0):,} parameters), input "
+             f"Hyperparameters of the method: `{json.dumps(cfg['method_args'])}`. Network: "
+             + (f"the course's U-Net (`src/network.py`, `UNet(**{json.dumps(cfg['net']['kwargs'])})`, unmodified)"
+                if cfg.get("net") else f"unet.py preset `{cfg['arch']}`") +
+             f" ({cfg.get('num_parameters', 0):,} parameters), input "
              f"{cfg['unet']['in_channels']}x{cfg['unet']['image_size']}x{cfg['unet']['image_size']}; time fed as "
              f"1000 t" + (", step size as 1000 d (second scalar)" if method.uses_cond else "") + ".", "",
              "## Training", "",
@@ -982,9 +1002,417 @@ def write_report(out, cfg, method, state):
               "NeurIPS 2017, arXiv:1706.08500 (FID); Parmar, Zhang, Zhu. On Aliased Resizing and Surprising "
               "Subtleties in GAN Evaluation. CVPR 2022, arXiv:2104.11222 (clean-fid preprocessing).",
               "- Code: this project's fewstep.py, unet.py, data.py and fid.py (one file each, no other code base)."]
+    if cfg.get("net"):  # --net course:PATH: the network is the course's, not unet.py's
+        lines[-3] = ("- Ho, Jain, Abbeel. Denoising Diffusion Probabilistic Models. NeurIPS 2020, arXiv:2006.11239 "
+                     "(the U-Net design of the course's network).")
+        lines[-1] = ("- Code: this project's fewstep.py, data.py and fid.py; the network is the U-Net of the CS492(C) "
+                     "base code (KAIST Visual AI Group), src/network.py, unmodified.")
     path = out / "report.md"
     data.write_atomic(path, lambda f: f.write("\n".join(lines) + "\n"), mode="w")
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The CS492(C) challenge: the course's U-Net (--net course:PATH) and the submission folder (--export-submission)
+# ----------------------------------------------------------------------------------------------------------------
+# The challenge fixes the network: class UNet of src/network.py in the student's checkout of the course's base code,
+# forward(x, timestep, condition=None). It is imported from that checkout at run time (nothing of it lives here).
+# Every method feeds it what it feeds unet.py: timestep = 1000 t (TIME_SCALE) and condition = 1000 * the second
+# scalar. The course embeds timestep with GLIDE's sinusoidal embedding (max_period 10000, no rescaling of its
+# input), made for DDPM's integer steps 0..999 (its template's num_train_timesteps = 1000), so [0, 1000] is the
+# range its frequencies were chosen for. The official sampling.py then loads a submission as
+#   model = create_custom_model(device=device, **json.load(checkpoints/model_config.json))
+#   model.load_state_dict(torch.load(checkpoints/best_model.pt)["state_dict"])
+#   model.sample((B, 3, 64, 64), num_inference_timesteps=nfe, verbose=False) -> [-1, 1], written as PNGs
+# (it imports custom_model and src.utils from the submission folder), so that is what export_submission writes.
+CHALLENGE_NFES, CHALLENGE_SHAPE = (1, 2, 4), (3, 64, 64)  # what the official sampling.py draws
+
+
+def course_root(spec):
+    """--net value -> the resolved checkout path of "course:PATH", or None for this project's unet.py ("unet")."""
+    if spec in (None, "unet"):
+        return None
+    if not spec.startswith("course:") or not spec[len("course:"):]:
+        raise UserError(f"--net {spec}: use --net unet (unet.py, the default) or --net course:PATH (PATH: your "
+                        f"checkout of the course's base code, the folder with src/network.py)")
+    return str(pathlib.Path(spec[len("course:"):]).expanduser().resolve())
+
+
+def course_unet_class(root):
+    """The UNet class of ROOT/src/network.py, imported as a package of its own (its `from .module import ...`
+    works, and no module called `src` of anything else is shadowed)."""
+    src = pathlib.Path(root) / "src"
+    if not (src / "network.py").is_file():
+        raise UserError(f"--net course:{root}: there is no src/network.py there; point it at your checkout of the "
+                        f"course's base code (the folder that holds src/network.py and sampling.py)")
+    package = "fewstep_course_" + hashlib.sha1(str(src).encode()).hexdigest()[:12]
+    if package not in sys.modules:
+        mod = types.ModuleType(package)
+        mod.__path__ = [str(src)]  # a package without running src/__init__.py (empty in the course's code)
+        sys.modules[package] = mod
+    try:
+        network = importlib.import_module(package + ".network")
+    except Exception as e:  # the student's own file: say what broke in one line
+        raise UserError(f"--net course:{root}: importing src/network.py failed ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})")
+    if not isinstance(getattr(network, "UNet", None), type):
+        raise UserError(f"--net course:{root}: src/network.py defines no class UNet")
+    return network.UNet
+
+
+def course_net_config(root, uses_cond):
+    """{"course": root, "kwargs": every constructor argument}: the class's own defaults (the challenge's fixed
+    hyperparameters), with use_additional_condition set where the method feeds a second scalar."""
+    params = inspect.signature(course_unet_class(root)).parameters
+    kwargs = {k: v.default for k, v in params.items() if v.default is not inspect.Parameter.empty}
+    if "use_additional_condition" not in params or len(kwargs) != len(params):
+        raise UserError(f"--net course:{root}: src/network.py's UNet does not have the course's constructor "
+                        f"(every argument with a default, use_additional_condition among them): {list(params)}")
+    kwargs["use_additional_condition"] = bool(uses_cond)
+    return {"course": str(root), "kwargs": json.loads(json.dumps(kwargs))}  # JSON values, as config.json keeps them
+
+
+class CourseNet(torch.nn.Module):
+    """The methods' call net(x, t, cond=None) on the course U-Net's forward(x, timestep, condition=None).
+
+    The course network refuses a missing condition when built with use_additional_condition=True; cond None means
+    0 here, as in unet.py. Its parameters are network.*, the keys of the course's BaseGenerativeModel.network."""
+
+    def __init__(self, network, use_additional_condition=False):
+        super().__init__()
+        self.network, self.use_additional_condition = network, use_additional_condition
+
+    def forward(self, x, t, cond=None):
+        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])  # (B,); a number means the same for every image
+        if cond is None and self.use_additional_condition:
+            cond = torch.zeros_like(t)
+        elif cond is not None and not self.use_additional_condition:
+            raise ValueError("cond was given but the course network was built with use_additional_condition=False")
+        elif cond is not None:
+            cond = torch.as_tensor(cond, device=x.device).expand(x.shape[0])
+        return self.network(x, t, cond)
+
+
+def course_net(spec):
+    """The network of a --net course:PATH run from its config["net"]."""
+    kwargs = spec["kwargs"]
+    return CourseNet(course_unet_class(spec["course"])(**kwargs), kwargs["use_additional_condition"])
+
+
+def ema_net(state):
+    """The EMA network of a loaded run checkpoint, on the CPU: unet.py's, or the course's (--net course:PATH)."""
+    cfg = state["config"]
+    if not cfg.get("net"):
+        return unet.from_checkpoint(state, weights="ema")[0]
+    net = course_net(cfg["net"])
+    unet.load_state_dict_checked(net, state["ema"])
+    return net
+
+
+def _loaded_names(code):
+    """Names a compiled block loads from its globals (LOAD_GLOBAL in functions, LOAD_NAME at module and class
+    level), nested functions and classes included. Attribute names (x.data) are not among them."""
+    names = {i.argval for i in dis.get_instructions(code)
+             if i.opname in ("LOAD_GLOBAL", "LOAD_NAME", "LOAD_FROM_DICT_OR_GLOBALS")}
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            names |= _loaded_names(c)
+    return names
+
+
+def export_closure(roots, tail):
+    """(import lines, source blocks) of a standalone file holding the classes `roots` and the code `tail` (written
+    in this module): their source, their base classes' and that of every module-level function, class and
+    constant they load, transitively. Only torch, numpy and the standard library may be imported; anything else
+    (this project's data/fid/unet, other packages, objects that are not code or plain constants) is refused."""
+    home = sys.modules[__name__]
+    copyable = {home.__name__} | {r.__module__ for r in roots}
+
+    def free(mod):  # importable in the TAs' environment: torch, numpy, the standard library
+        return mod.split(".")[0] in ("torch", "numpy") or mod.split(".")[0] in sys.stdlib_module_names
+
+    imports, consts, blocks, bound, done = {}, {}, {}, {}, set()
+    todo = [(tail, home, None)] + [(None, sys.modules[r.__module__], r) for r in roots]
+    while todo:
+        src, module, obj = todo.pop()
+        if obj is not None:
+            if id(obj) in done:
+                continue
+            done.add(id(obj))
+            src = textwrap.dedent(inspect.getsource(obj))
+            blocks[(obj.__module__ != home.__name__, obj.__module__, inspect.getsourcelines(obj)[1])] = src
+        for name in sorted(_loaded_names(compile(src, "<export>", "exec"))):
+            if name not in vars(module) or name.startswith("__"):
+                continue  # a builtin, a name the exported file defines itself, or __name__ (every class body's)
+            value = vars(module)[name]
+            if name in bound:
+                if bound[name] is not value:
+                    raise UserError(f"the export would need two different objects named {name!r}; rename one")
+                continue
+            bound[name] = value
+            where = getattr(value, "__name__" if inspect.ismodule(value) else "__module__", None) or ""
+            if inspect.ismodule(value) and free(where):
+                imports[name] = f"import {where}" + ("" if where == name else f" as {name}")
+            elif (inspect.isclass(value) or inspect.isfunction(value)) and where in copyable and not free(where):
+                todo.append((None, sys.modules[where], value))
+            elif (inspect.isclass(value) or inspect.isfunction(value)) and free(where) and \
+                    getattr(sys.modules.get(where), value.__name__, None) is value:
+                imports[name] = f"from {where} import {value.__name__}" + (
+                    "" if value.__name__ == name else f" as {name}")
+            elif isinstance(value, (bool, int, float, str, tuple, type(None))) and _round_trips(value):
+                consts[name] = f"{name} = {value!r}"
+            else:
+                what = f"{where}.py of this project" if where in ("data", "fid", "unet") else (where or repr(value))
+                raise UserError(f"it uses {name} ({what}), which cannot go into a submission that runs with only "
+                                f"torch and numpy")
+    return sorted(imports.values()), list(consts.values()) + [blocks[k] for k in sorted(blocks)]
+
+
+def _round_trips(value):
+    try:
+        return eval(repr(value), {}) == value
+    except Exception:
+        return False
+
+
+EXPORT_BASES = '''
+class BaseScheduler(torch.nn.Module):
+    """Stand-in for the course's src/base_model.py, which the checkout this was exported from does not have."""
+
+    def __init__(self, num_train_timesteps=1000, **kwargs):
+        super().__init__()
+        self.num_train_timesteps = num_train_timesteps
+
+
+class BaseGenerativeModel(torch.nn.Module):
+    """Stand-in for the course's src/base_model.py (see BaseScheduler)."""
+
+    def __init__(self, network, scheduler, **kwargs):
+        super().__init__()
+        self.network, self.scheduler = network, scheduler
+
+    @property
+    def device(self):
+        return next(self.network.parameters()).device
+'''
+
+EXPORT_TAIL = '''
+class FewstepScheduler(BaseScheduler):
+    """fewstep.py's one path in the course's scheduler interface: t in [0, 1], t = 0 noise x0, t = 1 data x1,
+    x_t = (1 - t) x0 + t x1, velocity x1 - x0. The method's own loss and sample draw their times themselves."""
+
+    def sample_timesteps(self, batch_size, device):
+        return torch.rand(batch_size, device=device)
+
+    def forward_process(self, data, noise, t):
+        t = t.reshape(-1, *([1] * (data.dim() - 1)))
+        return (1 - t) * noise + t * data
+
+    def reverse_process_step(self, xt, pred, t, t_next):
+        """One Euler step from t to t_next along pred (a velocity, or a shortcut step of size t_next - t)."""
+        return xt + (t_next - t).reshape(-1, *([1] * (xt.dim() - 1))) * pred
+
+    def get_target(self, data, noise, t):
+        return data - noise
+
+
+class FewstepModel(BaseGenerativeModel):
+    """network: the course's U-Net, unmodified; method: the fewstep.py method object that samples with it."""
+
+    def __init__(self, network, scheduler, method, use_additional_condition=False, image_shape=(3, 64, 64)):
+        super().__init__(network, scheduler)
+        self.method, self.use_additional_condition = method, use_additional_condition
+        self.image_shape = tuple(image_shape)
+
+    def net(self):
+        """The network as the method calls it: net(x, 1000 t, cond=1000 * second scalar)."""
+        return CourseNet(self.network, self.use_additional_condition)
+
+    def compute_loss(self, data, noise, **kwargs):
+        """The method's training loss on data in [-1, 1] with noise as its partner."""
+        return self.method.loss(self.net(), data, noise)
+
+    def predict(self, xt, t, condition=None, **kwargs):
+        """The network's output at t in [0, 1] (and second scalar `condition`, in the same units)."""
+        return self.net()(xt, TIME_SCALE * t, None if condition is None else TIME_SCALE * condition)
+
+    @torch.no_grad()
+    def sample(self, shape, num_inference_timesteps=4, return_traj=False, verbose=False, **kwargs):
+        """shape (B, C, H, W) -> images in [-1, 1] from exactly num_inference_timesteps network evaluations."""
+        if tuple(shape[1:]) != self.image_shape:
+            raise ValueError(f"this model was trained on images of shape {self.image_shape}, not {tuple(shape[1:])}")
+        self.method.check_nfe(num_inference_timesteps)
+        noise = torch.randn(tuple(shape), device=self.device)  # x0 ~ N(0, I) at t = 0
+        x = self.method.sample(self.net(), noise, num_inference_timesteps).clamp(-1, 1)
+        return [noise, x] if return_traj else x
+
+
+def create_custom_model(device="cpu", network=None, method=None, method_args=None, num_train_timesteps=1000,
+                        image_shape=(3, 64, 64)):
+    """What sampling.py calls, with checkpoints/model_config.json as keyword arguments."""
+    if method != METHOD_CLASS.name:
+        raise ValueError(f"model_config.json asks for method {method!r}; this file holds {METHOD_CLASS.name!r}")
+    if num_train_timesteps != TIME_SCALE:
+        raise ValueError(f"the method feeds the network {TIME_SCALE:g} t, not {num_train_timesteps} t")
+    model = FewstepModel(UNet(**network), FewstepScheduler(num_train_timesteps), METHOD_CLASS(**(method_args or {})),
+                         network.get("use_additional_condition", False), image_shape)
+    return model.to(device)
+'''
+
+# Runs in a fresh process inside the folder being exported, as the official loader does (src/utils.load_model).
+EXPORT_CHECK = r'''
+import json, sys, torch
+from custom_model import create_custom_model
+cfg = json.load(open("checkpoints/model_config.json"))
+model = create_custom_model(device="cpu", **cfg)
+model.load_state_dict(torch.load("checkpoints/best_model.pt", map_location="cpu")["state_dict"])
+model.eval()
+calls = []
+model.network.register_forward_hook(lambda *a: calls.append(1))
+out = {}
+for nfe in map(int, sys.argv[2:]):
+    calls.clear()
+    torch.manual_seed(0)
+    out[nfe] = (model.sample((1, *cfg["image_shape"]), num_inference_timesteps=nfe, verbose=False), len(calls))
+torch.save(out, sys.argv[1])
+'''
+
+
+def submission_source(method_cls, cfg, root, run, step):
+    """The text of custom_model.py for a run (see export_submission)."""
+    try:
+        imports, blocks = export_closure([method_cls], EXPORT_TAIL)
+    except UserError as e:
+        raise UserError(f"--export-submission: {method_cls.name} cannot be exported: {e}")
+    has_base = (pathlib.Path(root) / "src" / "base_model.py").is_file()
+    needs = "torch and numpy" if any("numpy" in i for i in imports) else "torch"
+    head = f'''"""CS492(C) submission: fewstep.py's {method_cls.__name__} ({method_cls.name}) on the course's U-Net.
+
+Written by `python fewstep.py --out {run} --export-submission DIR` from the EMA weights of that run at step {step};
+export again rather than editing it. The official sampling.py loads it as
+    model = create_custom_model(device=device, **json.load(open("checkpoints/model_config.json")))
+    model.load_state_dict(torch.load("checkpoints/best_model.pt")["state_dict"])
+    model.sample((B, 3, 64, 64), num_inference_timesteps=nfe, verbose=False)   # [-1, 1], exactly nfe U-Net calls
+Time convention (fewstep.py's): t in [0, 1], t = 0 noise, t = 1 data, x_t = (1 - t) x0 + t x1, sampling runs from
+0 to 1. The U-Net of src/network.py (unmodified) is fed timestep = 1000 t and, for a second scalar, condition =
+1000 * that scalar. Below: {method_cls.__name__} and what it uses, copied from fewstep.py (cite it in the write-up),
+then the course's interface. Needs only {needs} and the course's src/.
+"""
+'''
+    base = "from src.base_model import BaseScheduler, BaseGenerativeModel" if has_base else EXPORT_BASES.strip()
+    parts = ["\n".join(imports + ["from src.network import UNet"] + ([base] if has_base else []))]
+    parts += ([] if has_base else [base]) + [b.strip() for b in blocks]
+    parts += [f"METHOD_CLASS = {method_cls.__name__}  # the method of this submission", EXPORT_TAIL.strip()]
+    return head + "\n" + "\n\n\n".join(parts) + "\n"
+
+
+def export_submission(out, dest, force, log=print):
+    """Write the EMA weights of run `out` (ckpt.pt) as a challenge submission into `dest`: custom_model.py,
+    checkpoints/best_model.pt ({"state_dict": ...}), checkpoints/model_config.json (every constructor argument),
+    checkpoints/fewstep_export.json (where it came from) and the course's src/*.py from the checkout where dest
+    lacks them. The folder is checked in a fresh Python process, loaded the way the official loader does, before
+    anything is written to dest: each NFE must give what fewstep's own sampler gives, with exactly NFE calls."""
+    state, cfg = load_run(out)
+    run = str(pathlib.Path(out).resolve())
+    if not cfg.get("net"):
+        raise UserError(f"--export-submission: {out} was trained on unet.py's preset {cfg['arch']}; the challenge "
+                        f"requires the course's U-Net: train with --net course:PATH (PATH: your checkout)")
+    root = pathlib.Path(cfg["net"]["course"])
+    course_unet_class(root)  # the checkout is still where the run was trained from
+    shape = (cfg["unet"]["in_channels"], cfg["unet"]["image_size"], cfg["unet"]["image_size"])
+    if shape != CHALLENGE_SHAPE:
+        raise UserError(f"--export-submission: {out} was trained on {shape[0]}x{shape[1]}x{shape[2]} images; the "
+                        f"official sampling.py draws 3x64x64: train with --image-size 64 --channels 3")
+    method = make_method(cfg["method"], cfg["method_args"])
+    bad = [n for n in CHALLENGE_NFES if not _supports(method, n)]
+    if bad:
+        raise UserError(f"--export-submission: {cfg['method']} with {cfg['method_args']} cannot sample at NFE "
+                        f"{', '.join(map(str, bad))}, which the official sampling.py asks for (NFE 1, 2, 4)")
+    source = submission_source(type(method), cfg, root, run, state["step"])
+    try:
+        ast.parse(source, feature_version=(3, 10))  # the TAs' environment: Python 3.10, torch 2.6
+    except SyntaxError as e:
+        raise UserError(f"--export-submission: {cfg['method']}'s code needs Python newer than 3.10 (the TAs' "
+                        f"environment): {e}")
+
+    dest = pathlib.Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"--export-submission {dest}: that is a file; give a folder")
+    marker = dest / "checkpoints" / "fewstep_export.json"
+    try:
+        ours = json.loads(marker.read_text()).get("run") if marker.is_file() else None
+    except (ValueError, OSError):
+        ours = None
+    held = [p for p in (dest / "custom_model.py", dest / "checkpoints" / "best_model.pt",
+                        dest / "checkpoints" / "model_config.json") if p.exists()]
+    if held and ours != run and not force:
+        raise UserError(f"--export-submission {dest}: it already holds a different submission "
+                        f"({held[0].relative_to(dest)}" + (f", exported from {ours}" if ours else "") +
+                        "); choose another folder, or pass --force to replace it (nothing was written)")
+    course_src = sorted((root / "src").glob("*.py"))
+    for f in course_src:
+        mine = dest / "src" / f.name
+        if mine.exists() and mine.read_bytes() != f.read_bytes() and not force:
+            raise UserError(f"--export-submission {dest}: its src/{f.name} differs from {f}, the course code this run "
+                            f"was trained with; choose another folder, or pass --force to replace it")
+
+    files = {"custom_model.py": source.encode(),
+             "checkpoints/model_config.json": (json.dumps(
+                 {"network": cfg["net"]["kwargs"], "method": cfg["method"], "method_args": cfg["method_args"],
+                  "num_train_timesteps": int(TIME_SCALE), "image_shape": list(shape)}, indent=2) + "\n").encode(),
+             "checkpoints/fewstep_export.json": (json.dumps(
+                 {"run": run, "step": state["step"], "method": cfg["method"], "course": str(root),
+                  "exported": time.strftime("%Y-%m-%d %H:%M:%S %Z")}, indent=2) + "\n").encode()}
+    weights = {k: v.detach().float().cpu().contiguous() for k, v in state["ema"].items()}
+    with tempfile.TemporaryDirectory(prefix="fewstep-export-") as tmp:
+        tmp = pathlib.Path(tmp)
+        for name, blob in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_bytes(blob)
+        torch.save({"state_dict": weights}, tmp / "checkpoints" / "best_model.pt")
+        (tmp / "src").mkdir()
+        for f in course_src:
+            shutil.copyfile(f, tmp / "src" / f.name)
+        check_export(tmp, method, state, CHALLENGE_NFES)
+        files["checkpoints/best_model.pt"] = (tmp / "checkpoints" / "best_model.pt").read_bytes()
+    for f in course_src:
+        if not (dest / "src" / f.name).exists() or force:
+            files[f"src/{f.name}"] = f.read_bytes()
+    for name, blob in files.items():
+        data.write_atomic(dest / name, lambda fh, blob=blob: fh.write(blob))
+    log(f"submission: {dest} ({cfg['method']}, EMA weights of {out}/ckpt.pt at step {state['step']}); checked in a "
+        f"fresh process: NFE {', '.join(map(str, CHALLENGE_NFES))} match fewstep's sampler, exact network calls. "
+        + ("Sample it as the TAs do: " if (dest / "sampling.py").exists() else
+           "Put the official sampling.py into it and sample it as the TAs do: ")
+        + f"cd {dest} && python sampling.py --save_dir samples")
+    return dest
+
+
+def check_export(folder, method, state, nfes):
+    """Sample the exported folder in a fresh process (EXPORT_CHECK) and compare with method.sample on the run's EMA
+    net from the same noise; a UserError if it fails, differs or makes another number of network calls."""
+    result = pathlib.Path(folder) / "check.pt"
+    r = subprocess.run([sys.executable, "-c", EXPORT_CHECK, str(result), *map(str, nfes)], cwd=folder,
+                       capture_output=True, text=True)
+    name = state["config"]["method"]
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"--export-submission: {name} cannot be exported: the generated custom_model.py fails on its "
+                        f"own ({last[:200]}); its sample() may use only the network and the method's config()")
+    got = torch.load(result, weights_only=True)
+    net = ema_net(state).eval()
+    shape = (state["config"]["unet"]["in_channels"],) + (state["config"]["unet"]["image_size"],) * 2
+    for nfe in nfes:
+        with torch.no_grad(), fork_rng(torch.device("cpu")):
+            torch.manual_seed(0)
+            counter = NFECounter(net)
+            want = method.sample(counter, torch.randn((1, *shape)), nfe).clamp(-1, 1)
+        x, calls = got[nfe]
+        if calls != nfe or counter.calls != nfe or not torch.allclose(x, want, atol=1e-4, rtol=0):
+            raise UserError(f"--export-submission: {name} cannot be exported: at NFE {nfe} the generated "
+                            f"custom_model.py made {calls} network calls and differs from fewstep's sampler by "
+                            f"{(x - want).abs().max().item():.3g}; its sample() may use only the network and the "
+                            f"method's config()")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1065,6 +1493,13 @@ def parse_args(argv=None):
     g.add_argument("--adaptive-p", type=float, default=None,
                    help="meanflow/imf: adaptive weight power p, 0 = plain L2 (default 0.75 / 1)")
     g.add_argument("--adaptive-c", type=float, default=None, help="meanflow/imf: adaptive weight c (1e-3 / 0.01)")
+    g = p.add_argument_group("CS492(C) challenge: the course's U-Net and the submission folder")
+    g.add_argument("--net", default=None, help="unet (unet.py, preset --arch; the default) or course:PATH (class UNet "
+                                               "of PATH/src/network.py, your checkout of the course's base code)")
+    g.add_argument("--export-submission", metavar="DIR", default=None,
+                   help="write the run at --out (a --net course:PATH run) as a challenge submission into DIR and "
+                        "exit, without training or evaluating")
+    g.add_argument("--force", action="store_true", help="--export-submission: replace a different submission in DIR")
     return p.parse_args(argv)
 
 
@@ -1097,13 +1532,29 @@ def new_config(args, method, device, log):
             raise UserError(f"--data {args.data}: the teacher was trained on {tcfg['data']}; drop --data")
         spec, arch, ukw = tcfg["data"], tcfg["arch"], dict(tcfg["unet"])
         ukw["extra_cond"] = bool(ukw.get("extra_cond")) or method.uses_cond
+        net = tcfg.get("net") and course_net_config(tcfg["net"]["course"], ukw["extra_cond"])  # the teacher's kind
+        if args.net is not None and course_root(args.net) != (net or {}).get("course"):
+            raise UserError(f"--net {args.net}: {method.name} learns from its teacher's network; drop --net")
     else:
-        spec, images = load_images(args.data or "simpsons", args.data is not None, args.image_size, args.channels,
-                                   log)
+        course = course_root(args.net)
+        if course and (args.arch or args.channels == 1):
+            raise UserError("--net course:PATH trains the course's U-Net (3 channels, fixed hyperparameters); "
+                            "drop --arch and --channels 1")
+        net = course_net_config(course, method.uses_cond) if course else None  # checks the checkout first
+        spec, images = load_images(args.data or "simpsons", args.data is not None,
+                                   args.image_size or (CHALLENGE_SHAPE[1] if course else None),
+                                   args.channels or (3 if course else None), log)
         _, c, h, _ = images.shape
         arch = args.arch or (GPU_DEFAULTS["arch"] if gpu else ("mnist" if h <= 32 else "tiny"))
         ukw = unet.preset_kwargs(arch, image_size=h, in_channels=c)
         ukw["extra_cond"] = bool(ukw.get("extra_cond")) or method.uses_cond
+        if course:  # the course's network: config["unet"] keeps only the image shape and whether a cond is fed
+            arch = "course"
+            ukw = {"image_size": h, "in_channels": c, "extra_cond": method.uses_cond}
+            factor = 2 ** (len(net["kwargs"].get("ch_mult", [1])) - 1)
+            if h % factor:
+                raise UserError(f"--image-size {h}: the course's U-Net halves the image {factor.bit_length() - 1} "
+                                f"times, so it needs a multiple of {factor}; the challenge's is 64")
     if gpu:
         steps, batch = args.steps or GPU_DEFAULTS["steps"], args.batch_size or GPU_DEFAULTS["batch_size"]
     else:
@@ -1112,7 +1563,7 @@ def new_config(args, method, device, log):
             args.minutes = CPU_MINUTES
         if args.arch is None or args.minutes == CPU_MINUTES:
             log(f"no GPU: preset {arch}, " + (f"{args.minutes:g} minutes" if args.minutes else f"{steps} steps")
-                + "; pass --arch/--minutes to change")
+                + ("; pass --minutes to change" if net else "; pass --arch/--minutes to change"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if batch % world:
         raise UserError(f"--batch-size {batch} is not divisible by the {world} processes; use a multiple of {world}")
@@ -1122,7 +1573,9 @@ def new_config(args, method, device, log):
             "seed": args.seed,
             "precision": args.precision if gpu else "fp32", "channels_last": gpu, "compile": args.compile,
             "teacher": str(args.teacher) if teacher is not None else None, "time_scale": TIME_SCALE,
-            "hardware": hardware(), "num_parameters": unet.count_parameters(unet.UNetModel(**ukw))}
+            "hardware": hardware(),
+            "num_parameters": unet.count_parameters(build_net({"unet": ukw, "net": net}, "cpu")),
+            **({"net": net} if net else {})}  # --net course:PATH: {"course": PATH, "kwargs": UNet's arguments}
 
 
 def check_teacher(path, method):
@@ -1151,6 +1604,10 @@ def teacher_kinds():
 
 def run(args, rank, world, device):
     log = print if rank == 0 else (lambda *a, **k: None)
+    if args.export_submission:  # an action on the trained run at --out (its own method): no training, no evaluation
+        if not args.out:
+            raise UserError("--export-submission DIR needs --out RUN, the run to export")
+        return export_submission(pathlib.Path(args.out), args.export_submission, args.force, log)
     name = args.method or "rf"
     if args.method is None and args.out and (pathlib.Path(args.out) / "ckpt.pt").exists():
         name = load_run(args.out)[1]["method"]  # --eval-only on a run needs no --method
@@ -1177,6 +1634,9 @@ def run(args, rank, world, device):
             if val is not None and cfg[key] != val:
                 raise UserError(f"{out} holds a run with {key}={cfg[key]!r}, this command asks for {val!r}; use "
                                 f"another --out, or the original value to resume (nothing was written)")
+        if args.net is not None and course_root(args.net) != (cfg.get("net") or {}).get("course"):
+            raise UserError(f"{out} holds a run with the network {(cfg.get('net') or {}).get('course') or 'unet'}, "
+                            f"this command asks for --net {args.net}; use another --out (nothing was written)")
         # What defines the run is fixed; the budget, learning rate and EMA decay may change on resume.
         cfg = dict(cfg, steps=args.steps or cfg["steps"], lr=args.lr or cfg["lr"],
                    ema_decay=cfg["ema_decay"] if args.ema_decay is None else args.ema_decay)
@@ -1196,7 +1656,7 @@ def run(args, rank, world, device):
             args.no_fid = True
 
     if args.eval_only:
-        ema, _ = unet.from_checkpoint(state, weights="ema")
+        ema = ema_net(state)
         ema = ema.to(device)
         step = state["step"]
     else:

@@ -8,7 +8,8 @@ flow map is affine in x with closed-form coefficients (derived here, independent
 A small network that is affine in x with MLP coefficients of (t, cond) can represent all of them; each method must
 train to the exact function and its few-step samples must pass a KS test against N(m, s^2).
 Machinery: tiny preset on mnist5k, falling loss, exact NFE (counted with a forward hook), resume, DDP with gloo,
-bad input.
+bad input. CS492(C): a run around a stand-in for the course's U-Net (--net course:PATH), exported as a submission
+(--export-submission) and sampled in a fresh process the way the official loader does.
 """
 import json
 import math
@@ -23,6 +24,7 @@ import scipy.stats
 import torch
 import torch.nn as nn
 
+import data
 import fewstep
 from fewstep import Reflow, RectifiedFlow, Shortcut
 
@@ -351,3 +353,226 @@ def test_torchrun_two_gloo_processes_keep_identical_weights_and_write_one_checkp
     assert sorted(p.name for p in out.glob("*.pt")) == ["ckpt.pt"]
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 6
     assert len(losses(out)) == 6  # one writer: each step logged once
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CS492(C): the course's U-Net (--net course:PATH) and the submission folder (--export-submission)
+# ---------------------------------------------------------------------------------------------------------------
+# Stand-ins written for these tests (not the course's code): the constructor and forward signature of the course's
+# UNet and the abstract methods of its src/base_model.py, around a two-layer conv net that uses timestep and
+# condition through sinusoidal features (any error in what the export feeds it changes its output).
+STANDIN_NETWORK = """
+import math
+
+import torch
+import torch.nn as nn
+
+
+def features(v, dim=16):
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(dim // 2, dtype=torch.float32) / (dim // 2))
+    a = v.float()[:, None] * freqs[None]
+    return torch.cat([a.cos(), a.sin()], dim=1)
+
+
+class UNet(nn.Module):
+    def __init__(self, ch=128, ch_mult=[1, 2, 2, 2], attn=[1], num_res_blocks=4, dropout=0.1,
+                 use_additional_condition=False):
+        super().__init__()
+        self.use_additional_condition = use_additional_condition
+        self.head, self.tail = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 3, 3, padding=1)
+        self.time = nn.Linear(16, 8)
+        if use_additional_condition:
+            self.condition = nn.Linear(16, 8)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, timestep, condition=None):
+        h = self.head(x) + self.time(features(timestep))[:, :, None, None]
+        if self.use_additional_condition:
+            if condition is None:
+                raise ValueError("Condition is expected but not provided")
+            h = h + self.condition(features(condition))[:, :, None, None]
+        return self.tail(self.dropout(torch.nn.functional.silu(h)))
+"""
+
+STANDIN_BASE = """
+from abc import ABC, abstractmethod
+
+import torch.nn as nn
+
+
+class BaseScheduler(ABC, nn.Module):
+    def __init__(self, num_train_timesteps=1000, **kwargs):
+        super().__init__()
+        self.num_train_timesteps = num_train_timesteps
+
+    @abstractmethod
+    def sample_timesteps(self, batch_size, device): ...
+
+    @abstractmethod
+    def forward_process(self, data, noise, t): ...
+
+    @abstractmethod
+    def reverse_process_step(self, xt, pred, t, t_next): ...
+
+    @abstractmethod
+    def get_target(self, data, noise, t): ...
+
+
+class BaseGenerativeModel(ABC, nn.Module):
+    def __init__(self, network, scheduler, **kwargs):
+        super().__init__()
+        self.network, self.scheduler = network, scheduler
+
+    @property
+    def device(self):
+        return next(self.network.parameters()).device
+
+    @abstractmethod
+    def compute_loss(self, data, noise, **kwargs): ...
+
+    @abstractmethod
+    def predict(self, xt, t, **kwargs): ...
+
+    @abstractmethod
+    def sample(self, shape, num_inference_timesteps=20, return_traj=False, verbose=False, **kwargs): ...
+"""
+
+# The official loader's steps (src/utils.load_model + sampling.py), then shortcut's sampler written out by hand on
+# the same U-Net loaded directly: x_{k+1} = x_k + (1/n) UNet(x_k, timestep = 1000 k/n, condition = 1000/n).
+# Run with -E in the submission folder: fewstep.py and this project's modules are not importable there.
+OFFICIAL_ROLE = """
+import json, sys, torch
+from custom_model import create_custom_model
+from src.base_model import BaseGenerativeModel, BaseScheduler
+from src.network import UNet
+cfg = json.load(open("checkpoints/model_config.json"))
+model = create_custom_model(device="cpu", **cfg)
+ckpt = torch.load("checkpoints/best_model.pt", map_location="cpu", weights_only=False)
+model.load_state_dict(ckpt["state_dict"])
+model.eval()
+fed = []
+model.network.register_forward_hook(lambda m, args, out: fed.append((args[1].tolist(), args[2].tolist())))
+net = UNet(**cfg["network"]).eval()
+net.load_state_dict({k[len("network."):]: v for k, v in ckpt["state_dict"].items()})
+res = {"bases": isinstance(model, BaseGenerativeModel) and isinstance(model.scheduler, BaseScheduler),
+       "project_modules": sorted({"fewstep", "unet", "data", "fid"} & set(sys.modules))}
+for n in (1, 2, 4):
+    fed.clear()
+    torch.manual_seed(n)
+    with torch.no_grad():
+        x = model.sample((3, 3, 64, 64), num_inference_timesteps=n, verbose=False)
+        torch.manual_seed(n)
+        y = torch.randn(3, 3, 64, 64)
+        for k in range(n):
+            y = y + net(y, torch.full((3,), 1000.0 * k / n), torch.full((3,), 1000.0 / n)) / n
+    res[n] = {"fed": fed[:], "diff": (x - y.clamp(-1, 1)).abs().max().item(), "range": [x.min().item(), x.max().item()],
+              "moved": (y - y.clamp(-1, 1)).abs().max().item()}
+print(json.dumps(res))
+"""
+
+COURSE = ["--data", "mnist5k", "--batch-size", "8", "--lr", "1e-3", "--warmup", "0", "--num-samples", "4", "--no-fid",
+          "--nfe", "1"]
+
+
+def standin_checkout(root):
+    (root / "src").mkdir(parents=True)
+    (root / "src" / "__init__.py").write_text("")
+    (root / "src" / "network.py").write_text(STANDIN_NETWORK)
+    (root / "src" / "base_model.py").write_text(STANDIN_BASE)
+    return root
+
+
+@pytest.fixture(scope="module")
+def course_run(tmp_path_factory):
+    """A shortcut run (second scalar: condition) trained around the stand-in course U-Net at 3x64x64."""
+    root = standin_checkout(tmp_path_factory.mktemp("checkout"))
+    out = tmp_path_factory.mktemp("course_run")
+    fewstep.main(["--method", "shortcut", "--net", f"course:{root}", *COURSE, "--steps", "20", "--out", str(out)])
+    return root, out
+
+
+def test_course_net_run_exports_a_submission_that_samples_alone_like_the_official_loader(course_run, tmp_path):
+    root, out = course_run
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["net"] == {"course": str(root.resolve()), "kwargs": {
+        "ch": 128, "ch_mult": [1, 2, 2, 2], "attn": [1], "num_res_blocks": 4, "dropout": 0.1,
+        "use_additional_condition": True}}  # every constructor argument; the condition carries shortcut's d
+    assert cfg["unet"] == {"image_size": 64, "in_channels": 3, "extra_cond": True}
+    assert len(losses(out)) == 20
+    sub = tmp_path / "submission"
+    fewstep.main(["--out", str(out), "--export-submission", str(sub)])
+    assert sorted(str(p.relative_to(sub)) for p in sub.rglob("*") if p.is_file()) == [
+        "checkpoints/best_model.pt", "checkpoints/fewstep_export.json", "checkpoints/model_config.json",
+        "custom_model.py", "src/__init__.py", "src/base_model.py", "src/network.py"]
+    assert (sub / "src" / "network.py").read_text() == STANDIN_NETWORK  # the student's file, as it was
+    ema = torch.load(out / "ckpt.pt", weights_only=True)["ema"]
+    exported = torch.load(sub / "checkpoints" / "best_model.pt", weights_only=True)
+    assert list(exported) == ["state_dict"] and all(torch.equal(ema[k], exported["state_dict"][k]) for k in ema)
+    r = subprocess.run([sys.executable, "-E", "-c", OFFICIAL_ROLE], cwd=sub, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHONPATH": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)
+    assert res["bases"] and res["project_modules"] == []
+    for n in (1, 2, 4):
+        got = res[str(n)]
+        # exactly n calls, fed timestep = 1000 k/n and condition = 1000/n (shortcut's d = 1/n)
+        assert got["fed"] == [[[1000.0 * k / n] * 3, [1000.0 / n] * 3] for k in range(n)], got["fed"]
+        assert got["diff"] < 1e-5, got["diff"]
+        assert -1 <= got["range"][0] and got["range"][1] <= 1
+
+
+class ShortcutRoundedByData(Shortcut):
+    """Samples through this project's data.py (quantised to uint8): cannot run where only torch and numpy are."""
+
+    def sample(self, net, noise, nfe):
+        return data.to_float(data.to_uint8(super().sample(net, noise, nfe)))
+
+
+class ShortcutSamplingWithTeacher(Shortcut):
+    """Needs state that its config() does not hold (a teacher net set by the training loop) to sample."""
+
+    def sample(self, net, noise, nfe):
+        return self.teacher(noise, torch.zeros(noise.shape[0]))
+
+
+class ShortcutOneStepOnly(Shortcut):
+    def check_nfe(self, nfe):
+        if nfe != 1:
+            raise fewstep.UnsupportedNFE(f"NFE 1 only, not {nfe}")
+
+
+def test_course_net_and_export_refuse_bad_input_in_one_line(course_run, tmp_path, rf_teacher, monkeypatch, capsys):
+    """main() in-process: SystemExit(2) and one stderr line (main prints data.UsageError's message, no traceback)."""
+    root, out = course_run
+
+    def refused(args, message):
+        with pytest.raises(SystemExit) as e:
+            fewstep.main(args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+    refused(["--method", "rf", "--net", f"course:{tmp_path / 'no-checkout'}", "--out", str(tmp_path / "x")],
+            "there is no src/network.py")
+    assert not (tmp_path / "x").exists()
+
+    other = tmp_path / "theirs"  # a folder that holds someone else's submission (here: the course's template)
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "custom_model.py").write_text("def create_custom_model(device='cpu', **kwargs): ...\n")
+    before = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
+    refused(["--out", str(out), "--export-submission", str(other)],
+            "already holds a different submission (custom_model.py)")
+    assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before  # nothing written
+    dest = tmp_path / "sub"
+    export = ["--out", str(out), "--export-submission", str(dest)]
+    refused(["--out", str(rf_teacher), "--export-submission", str(dest)], "the challenge requires the course's U-Net")
+    for cls, message in ((ShortcutRoundedByData, "it uses data (data.py of this project)"),
+                         (ShortcutSamplingWithTeacher, "fails on its own (AttributeError"),
+                         (ShortcutOneStepOnly, "cannot sample at NFE 2, 4")):
+        monkeypatch.setitem(fewstep.METHODS, "shortcut", cls)
+        refused(export, message)
+    assert not dest.exists()
+    monkeypatch.setitem(fewstep.METHODS, "shortcut", Shortcut)
+
+    fewstep.main(["--out", str(out), "--export-submission", str(other), "--force"])  # replaces theirs
+    assert "METHOD_CLASS = Shortcut" in (other / "custom_model.py").read_text()
+    fewstep.main(["--out", str(out), "--export-submission", str(other)])  # the same run again: no --force needed
