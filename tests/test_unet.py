@@ -185,6 +185,26 @@ def test_adm_builder_defaults_and_attention_sizes():
 
 
 # ---------------------------------------------------------------- presets
+@pytest.mark.parametrize("name", ["tiny", "mnist", "challenge"])
+def test_every_preset_sees_its_time_and_its_second_scalar(name):
+    """With random (not zero-initialised) weights, changing t or cond must change the output. An additive time
+    embedding followed by a GroupNorm of one channel per group is removed exactly by the norm (the tiny preset
+    without scale-shift norm was blind to t and cond: output changes of 0 up to float rounding)."""
+    torch.manual_seed(0)
+    size = {"challenge": {"image_size": 16}}.get(name, {})  # the challenge net is convolutional: 16x16 is enough
+    kw = unet.preset_kwargs(name, extra_cond=True, **size)
+    net = unet.UNetModel(**kw).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        x = torch.randn(2, kw["in_channels"], kw["image_size"], kw["image_size"])
+        t, c = torch.tensor([100.0, 600.0]), torch.tensor([0.0, 500.0])
+        y = net(x, t, c)
+        scale = y.abs().mean()
+        assert (net(x, t + 300, c) - y).abs().mean() > 1e-3 * scale
+        assert (net(x, t, c + 300) - y).abs().mean() > 1e-3 * scale
+
+
 def test_presets_forward_at_their_sizes():
     torch.manual_seed(0)
     for name, batch in [("tiny", 3), ("mnist", 2), ("challenge", 1)]:
