@@ -14,6 +14,10 @@ Methods (each a small class with `loss(net, x1)` and `sample(net, noise, nfe)`, 
   reflow    k-rectified flow (Liu et al. 2023, Sec. 2.3 "reflow", and its one-step distillation): retrain on
             (noise, teacher ODE output) pairs of a trained rf run (--teacher RUN_DIR).
   shortcut  Frans, Hafner, Levine, Abbeel. One Step Diffusion via Shortcut Models. ICLR 2025, arXiv:2410.12557.
+  pd        Salimans, Ho. Progressive Distillation for Fast Sampling of Diffusion Models. ICLR 2022,
+            arXiv:2202.00512: halve a flow teacher's Euler steps round by round (--teacher RUN_DIR).
+  ld3       Tong, Nguyen-Tang, Tran, Luong, Dinh, Nguyen, Le, Bui. Learning to Discretize Denoising Diffusion ODEs.
+            ICLR 2025, arXiv:2405.15506: learn the time points of an n-step Euler solver of a trained flow.
 
 Time convention of the whole file (the same as cfm_mnist.py): t in [0, 1], t = 0 is noise x0 ~ N(0, I), t = 1 is
 data x1 (an image in [-1, 1]); the path is x_t = (1 - t) x0 + t x1 and sampling integrates FORWARD from 0 to 1.
@@ -33,6 +37,11 @@ Equations (x0 ~ N(0, I), x1 ~ data, t ~ p(t)):
               + E || s_theta(x_t, t, 2d) - sg[ (s(x_t, t, d) + s(x'_{t+d}, t + d, d)) / 2 ] ||^2,
                     x'_{t+d} = x_t + d s(x_t, t, d)                           self-consistency, 1/4  (Frans Eq. 5)
             NFE n (a power of two up to M = 128): d = 1/n, x_{k+1} = x_k + d s_theta(x_k, k d, d)
+  pd        round with N student steps (the teacher takes 2N; a DDIM step of a flow is an Euler step), t = i/N:
+            L = || v_S(x_t, t) - sg[ (v_T(x_t, t) + v_T(x', t + h)) / 2 ] ||^2,  x' = x_t + h v_T(x_t, t), h = 1/(2N)
+            (one student step of 1/N lands where two teacher steps of 1/(2N) land; Salimans & Ho Alg. 2)
+  ld3       0 = t_0 < ... < t_n = 1, network times s_i near t_i: x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, s_i);
+            min over (t, s) of E min_{||x0' - x0|| <= r} || Euler_(t,s)(x0') - ODE_teacher(x0) ||^2   (Tong Eq. 8)
 
 Each method takes any `net(x, t, cond=None)` (t, cond: (B,) floats) and knows nothing else of this file, so a class
 can be lifted into another codebase together with expand_t / sample_time. NFE is exact: `sample(net, noise, n)`
@@ -42,13 +51,21 @@ The interface, all a new method needs: `name`, `uses_cond` (does it feed the net
 `loss(net, x1, x0=None, ema=None)` and `sample(net, noise, nfe)`. A method that learns from a trained run adds
 `teacher_methods` (the methods it accepts with --teacher), optionally `needs_teacher`, `init_from_teacher` (start
 from the teacher's weights) and `teacher_ok(teacher_config)`; training then sets `method.teacher`, the teacher
-run's frozen EMA network, before the first loss.
+run's frozen EMA network, before the first loss. Optional hooks of the loop, for methods that are more than a loss:
+`on_step(step, net, ema)` before every step's loss and on resume (pd: round changes), `sampling_net(nfe, ema)` the
+network that samples at an NFE (pd: the student of that round; default the EMA), `state_dict()` /
+`load_state_dict()` the method's own state, saved as ckpt["method_state"] and restored on resume and --eval-only
+(pd: one student per round; ld3: time grids, pairs, noises), `make_optimizer(net)` an optimiser of the method's
+own parameters that replaces the network's AdamW and its warmup (ld3: the network stays the teacher's), and
+`total_steps()` the default --steps (pd: rounds x iterations per round; ld3: its epochs).
 
 Usage:
     python fewstep.py --method shortcut --nfe 1                      # Simpsons (mnist5k when offline), score NFE 1
     python fewstep.py --method rf --data mnist5k --arch mnist --minutes 20 --out runs/rf-mnist5k
     python fewstep.py --method reflow --teacher runs/rf-mnist5k --data mnist5k --minutes 10 --out runs/reflow
     python fewstep.py --method shortcut --data simpsons --arch challenge --steps 250000 --batch-size 128
+    python fewstep.py --method pd --teacher runs/rf-mnist5k --pd-start-steps 64 --pd-round-steps 2000 --out runs/pd
+    python fewstep.py --method ld3 --teacher runs/rf-mnist5k --out runs/ld3          # minutes, no network trained
     torchrun --nproc_per_node=4 fewstep.py --method shortcut --arch challenge   # DistributedDataParallel
     python fewstep.py --out runs/rf-mnist5k --eval-only --nfe 1 2 4 --report     # score an existing run again
 Rerunning a training command resumes from RUN/ckpt.pt. A run directory holds config.json, ckpt.pt (best.pt with
