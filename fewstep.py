@@ -503,7 +503,8 @@ class LD3:
         if slack < 0:
             raise ValueError(f"slack must be >= 0 (0: no slack), got {slack!r}")
         self.nfes, self.num_pairs, self.batch_size, self.epochs = nfes, num_pairs, batch_size, epochs
-        self.phase1_epochs, self.teacher_steps, self.lr_time, self.lr_shift = phase1_epochs, teacher_steps, lr_time, lr_shift
+        self.phase1_epochs, self.teacher_steps = phase1_epochs, teacher_steps
+        self.lr_time, self.lr_shift = lr_time, lr_shift
         self.win_rate, self.slack, self.shift_first, self.seed = win_rate, float(slack), bool(shift_first), seed
         # xi: logits of the n step sizes (zeros: the uniform grid, i.e. rf's sampler); eta: decoupled offsets.
         self.grid = torch.nn.ParameterDict({f"{k}{n}": torch.nn.Parameter(torch.zeros(n)) for n in nfes

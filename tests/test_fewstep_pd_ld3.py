@@ -224,7 +224,8 @@ def test_ld3_slack_moves_noises_inside_their_ball_and_only_where_that_helps():
         assert moved.max() <= 0.05 * 16 / n ** 2 + 1e-6  # r = slack * D / n^2
         assert (moved > 0).any()
         with torch.no_grad():  # every moved noise is closer to its target than its original noise
-            d_new = method.per_sample_distance(method.solve(HandTeacher(), method.latents[str(n)], n), method.pairs["x1"])
+            d_new = method.per_sample_distance(method.solve(HandTeacher(), method.latents[str(n)], n),
+                                               method.pairs["x1"])
             d_old = method.per_sample_distance(method.solve(HandTeacher(), x0, n), method.pairs["x1"])
         # (the grid moved since each acceptance, so compare only a clear majority)
         assert (d_new[moved > 0] < d_old[moved > 0]).float().mean() > 0.5
@@ -277,7 +278,8 @@ def test_ld3_optimises_with_falling_loss_keeps_the_teacher_and_samples_at_nfe_1_
         assert not torch.allclose(method.times(n)[0], torch.linspace(0, 1, n + 1))  # it learned something
 
 
-@pytest.mark.parametrize("args, stop", [(PD_ARGS + ["--pd-round-steps", "4"], 4), (LD3_ARGS + ["--ld3-epochs", "4", "--ld3-nfe", "1", "2"], 2)],
+@pytest.mark.parametrize("args, stop", [(PD_ARGS + ["--pd-round-steps", "4"], 4),
+                                        (LD3_ARGS + ["--ld3-epochs", "4", "--ld3-nfe", "1", "2"], 2)],
                          ids=["pd-at-round-boundary", "ld3"])
 def test_resume_continues_pd_and_ld3_bit_for_bit(tmp_path, teacher, args, stop):
     a, b = tmp_path / "a", tmp_path / "b"
