@@ -18,6 +18,10 @@ Methods (each a small class with `loss(net, x1)` and `sample(net, noise, nfe)`, 
             arXiv:2505.13447.
   imf       Geng, Lu, Wu, Shechtman, Kolter, He. Improved Mean Flows: On the Challenges of Fastforward Generative
             Models. CVPR 2026, arXiv:2512.02012.
+  pd        Salimans, Ho. Progressive Distillation for Fast Sampling of Diffusion Models. ICLR 2022,
+            arXiv:2202.00512: halve a flow teacher's Euler steps round by round (--teacher RUN_DIR).
+  ld3       Tong, Nguyen-Tang, Tran, Luong, Dinh, Nguyen, Le, Bui. Learning to Discretize Denoising Diffusion ODEs.
+            ICLR 2025, arXiv:2405.15506: learn the time points of an n-step Euler solver of a trained flow.
 
 Time convention of the whole file (the same as cfm_mnist.py): t in [0, 1], t = 0 is noise x0 ~ N(0, I), t = 1 is
 data x1 (an image in [-1, 1]); the path is x_t = (1 - t) x0 + t x1 and sampling integrates FORWARD from 0 to 1.
@@ -45,6 +49,11 @@ Equations (x0 ~ N(0, I), x1 ~ data, t ~ p(t)):
             (the paper's z_t = (1 - t') x + t' e runs backwards: t' = 1 - t, r' = 1 - s, u' = -u, v' = -v)
   imf       V_theta = u_theta(x_t, t, s) - (s - t) sg[du_theta/dt], du/dt along v_theta = u_theta(x_t, t, t)
             L = E w || V_theta - (x1 - x0) ||^2: a target free of theta; sampled as meanflow     (iMF Sec. 4.1)
+  pd        round with N student steps (the teacher takes 2N; a DDIM step of a flow is an Euler step), t = i/N:
+            L = || v_S(x_t, t) - sg[ (v_T(x_t, t) + v_T(x', t + h)) / 2 ] ||^2,  x' = x_t + h v_T(x_t, t), h = 1/(2N)
+            (one student step of 1/N lands where two teacher steps of 1/(2N) land; Salimans & Ho Alg. 2)
+  ld3       0 = t_0 < ... < t_n = 1, network times s_i near t_i: x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, s_i);
+            min over (t, s) of E min_{||x0' - x0|| <= r} || Euler_(t,s)(x0') - ODE_teacher(x0) ||^2   (Tong Eq. 8)
 
 Each method takes any `net(x, t, cond=None)` (t, cond: (B,) floats) and knows nothing else of this file, so a class
 can be lifted into another codebase together with expand_t / sample_time. NFE is exact: `sample(net, noise, n)`
@@ -54,15 +63,24 @@ The interface, all a new method needs: `name`, `uses_cond` (does it feed the net
 `loss(net, x1, x0=None, ema=None)` and `sample(net, noise, nfe)`. A method that learns from a trained run adds
 `teacher_methods` (the methods it accepts with --teacher), optionally `needs_teacher`, `init_from_teacher` (start
 from the teacher's weights) and `teacher_ok(teacher_config)`; training then sets `method.teacher`, the teacher
-run's frozen EMA network, before the first loss. --export-submission (the CS492(C) submission) copies the class,
-its bases and the module-level code they use into a standalone custom_model.py, so sample() may rely on the network,
-the method's config() and torch / numpy / the standard library only (checked when exporting).
+run's frozen EMA network, before the first loss. Optional hooks of the loop, for methods that are more than a loss:
+`on_step(step, net, ema)` before every step's loss and on resume (pd: round changes), `sampling_net(nfe, ema)` the
+network that samples at an NFE (pd: the student of that round; default the EMA), `state_dict()` /
+`load_state_dict()` the method's own state, saved as ckpt["method_state"] and restored on resume and --eval-only
+(pd: one student per round; ld3: time grids, pairs, noises), `make_optimizer(net)` an optimiser of the method's
+own parameters that replaces the network's AdamW and its warmup (ld3: the network stays the teacher's), and
+`total_steps()` the default --steps (pd: rounds x iterations per round; ld3: its epochs). --export-submission
+(the CS492(C) submission) copies the class, its bases and the module-level code they use into a standalone
+custom_model.py, so sample() may rely on the network, the method's config() and torch / numpy / the standard
+library only (checked when exporting).
 
 Usage:
     python fewstep.py --method shortcut --nfe 1                      # Simpsons (mnist5k when offline), score NFE 1
     python fewstep.py --method rf --data mnist5k --arch mnist --minutes 20 --out runs/rf-mnist5k
     python fewstep.py --method reflow --teacher runs/rf-mnist5k --data mnist5k --minutes 10 --out runs/reflow
     python fewstep.py --method shortcut --data simpsons --arch challenge --steps 250000 --batch-size 128
+    python fewstep.py --method pd --teacher runs/rf-mnist5k --pd-start-steps 64 --pd-round-steps 2000 --out runs/pd
+    python fewstep.py --method ld3 --teacher runs/rf-mnist5k --out runs/ld3          # minutes, no network trained
     torchrun --nproc_per_node=4 fewstep.py --method shortcut --arch challenge   # DistributedDataParallel
     python fewstep.py --out runs/rf-mnist5k --eval-only --nfe 1 2 4 --report     # score an existing run again
     python fewstep.py --method shortcut --net course:CHECKOUT --out runs/sc-course   # the course's U-Net (CS492(C))
@@ -499,7 +517,351 @@ class ImprovedMeanFlow(MeanFlow):
         return u.float() - expand_t(s - t, u) * dudt.float().detach()  # compound velocity (iMF Sec. 4.1)
 
 
-METHODS = {"rf": RectifiedFlow, "reflow": Reflow, "shortcut": Shortcut, "meanflow": MeanFlow, "imf": ImprovedMeanFlow}
+
+# ----------------------------------------------------------------------------------------------------------------
+# pd: progressive distillation
+# ----------------------------------------------------------------------------------------------------------------
+class ProgressiveDistillation(RectifiedFlow):
+    """Progressive distillation (Salimans & Ho 2022, Algorithm 2): a student that takes N Euler steps learns to land,
+    with each of its steps, where two steps of its teacher (which takes 2N) land. Round k halves N; the student of
+    round k is the teacher of round k + 1, so a 2 start_steps-step teacher becomes an end_steps-step model after
+    log2(start_steps / end_steps) + 1 rounds.
+
+    The paper works with DDIM in the v-parametrisation. In this file's convention a DDIM step of a flow model is an
+    Euler step (x_s = x_t + (s - t) v(x_t, t) moves along the straight line through its x0- and x1-predictions), so
+    "two teacher DDIM steps" are two Euler steps of size 1/(2N) and the target is the student velocity whose one step
+    of 1/N lands on the same point (the analogue of the paper's x-target, Alg. 2):
+        x_t = (1 - t) x0 + t x1,  t = i / N,  i ~ U{0, ..., N - 1}                  (the student's own grid)
+        x'  = x_t + h v_T(x_t, t),  x'' = x' + h v_T(x', t + h),  h = 1 / (2N)    (two teacher steps)
+        v~  = (x'' - x_t) / (2h) = (v_T(x_t, t) + v_T(x', t + h)) / 2              (one student step lands on x'')
+        L   = || v_S(x_t, t) - sg[v~] ||^2
+    The paper weights the x-error by max(SNR, 1) ("truncated SNR"); here the velocity error has weight 1 (the rf
+    loss); the endpoint error of a student step is this times 1/N^2, the same for every t of a round.
+    Training (the authors' configs): the student starts from its teacher; ImageNet 64 uses a 1024-step teacher,
+    50,000 iterations per round, Adam at 1e-4 and no EMA. Here the loop's EMA is the student: at the end of a round
+    its EMA is saved as the student of that round (`students`, in the checkpoint), becomes the frozen teacher, and the
+    online network restarts from it. Sampling at NFE n uses the student of the round with N = n.
+    :param start_steps: 2N of the first round's teacher (a power of two times end_steps); students N = start/2 ... end.
+    :param round_steps: training iterations per round (the paper: 50,000).
+    """
+
+    name = "pd"
+    teacher_methods = ("rf", "reflow")
+    needs_teacher = True
+    init_from_teacher = True  # round 1's student starts from the teacher (Salimans & Ho, Alg. 2)
+    summary = ("Progressive distillation: starting from a trained rectified flow sampled with 2N Euler steps, a "
+               "student initialised from its teacher learns, at each point i/N of its own grid, the velocity whose "
+               "single Euler step of size 1/N lands where two consecutive teacher steps of size 1/(2N) land. Each "
+               "round halves N and the student becomes the next round's teacher, down to one step; sampling at NFE "
+               "n uses the student of the round with N = n.")
+    citations = ("Salimans, Ho. Progressive Distillation for Fast Sampling of Diffusion Models. ICLR 2022, "
+                 "arXiv:2202.00512.",) + RectifiedFlow.citations[:1]
+
+    def __init__(self, start_steps=1024, end_steps=1, round_steps=50_000):
+        super().__init__()
+        for key, val in (("start_steps", start_steps), ("end_steps", end_steps), ("round_steps", round_steps)):
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"{key} must be an integer >= 1, got {val!r}")
+        ratio = start_steps // end_steps
+        if start_steps % end_steps or ratio < 2 or ratio & (ratio - 1):
+            raise ValueError(f"start_steps / end_steps must be a power of two >= 2 (each round halves the steps), "
+                             f"got {start_steps} / {end_steps}")
+        self.start_steps, self.end_steps, self.round_steps = start_steps, end_steps, round_steps
+        self.rounds = [start_steps >> k for k in range(1, int(math.log2(ratio)) + 1)]  # N of round 1, 2, ...
+        self.students = {}  # str(N) -> state dict of the finished student of that round
+        self.round, self.teacher, self._first_teacher = -1, None, None
+
+    def config(self):
+        return {"start_steps": self.start_steps, "end_steps": self.end_steps, "round_steps": self.round_steps}
+
+    def total_steps(self):
+        return len(self.rounds) * self.round_steps
+
+    def check_nfe(self, nfe):
+        if nfe not in self.rounds:
+            raise UnsupportedNFE(f"pd trains one student per round, N = {', '.join(map(str, self.rounds))} steps "
+                                 f"(from a {self.start_steps}-step teacher): it can do those NFEs, not {nfe!r}; "
+                                 f"change --pd-start-steps / --pd-end-steps")
+
+    def teacher_ok(self, tcfg):
+        if tcfg["method"] not in self.teacher_methods or tcfg["method_args"].get("distill"):
+            return "pd distils a flow teacher: an rf run (or a reflow run without --distill)"
+        return None
+
+    def on_step(self, step, net, ema):
+        """Called by the training loop before the loss of every step (and on resume): start round
+        min(step // round_steps, last). When a round has just ended, its student (the EMA) is kept and the online
+        network restarts from it; the teacher of round k > 0 is the frozen student of round k - 1."""
+        r = min(step // self.round_steps, len(self.rounds) - 1)
+        if self._first_teacher is None:
+            self._first_teacher = self.teacher  # the teacher run's network, set by the training loop
+        if r == self.round:
+            return
+        for k in range(r):
+            if str(self.rounds[k]) not in self.students:  # round k ended in this process: keep its student
+                self.students[str(self.rounds[k])] = {n: v.detach().clone() for n, v in ema.state_dict().items()}
+                net.load_state_dict(ema.state_dict())  # the next student starts from its teacher
+        self.teacher = self._first_teacher if r == 0 else self.frozen(ema, self.students[str(self.rounds[r - 1])])
+        self.round = r
+
+    @staticmethod
+    def frozen(like, state_dict):
+        net = copy.deepcopy(like)
+        net.load_state_dict(state_dict)
+        return net.eval().requires_grad_(False)
+
+    def sampling_net(self, nfe, ema):
+        """The student of the round with N = nfe, or ema (the newest student) if that round has not ended yet."""
+        sd = self.students.get(str(nfe))
+        return ema if sd is None else self.frozen(ema, sd)
+
+    def state_dict(self):
+        return {"students": self.students}
+
+    def load_state_dict(self, state):
+        self.students = dict(state["students"])
+
+    def target(self, teacher, xt, t, n):
+        """v~ = (v_T(x_t, t) + v_T(x', t + h)) / 2: the velocity of one step of 1/n that lands where two teacher
+        steps of h = 1/(2n) land (see the class docstring)."""
+        h = 1.0 / (2 * n)
+        v1 = self.velocity(teacher, xt, t)
+        x_mid = xt + h * v1  # x' = x_t + h v_T(x_t, t)
+        x_end = x_mid + h * self.velocity(teacher, x_mid, t + h)  # x'' = x' + h v_T(x', t + h)
+        return (x_end - xt) / (2 * h)
+
+    def loss(self, net, x1, x0=None, ema=None):
+        if self.teacher is None:
+            raise ValueError("pd needs method.teacher (the training loop sets it from --teacher)")
+        n = self.rounds[max(self.round, 0)]
+        x0 = torch.randn_like(x1) if x0 is None else x0
+        t = torch.randint(0, n, (x1.shape[0],), device=x1.device).float() / n  # the student's grid i / N
+        xt = (1 - expand_t(t, x1)) * x0 + expand_t(t, x1) * x1
+        with torch.no_grad():
+            target = self.target(self.teacher, xt, t, n)
+        pred = self.velocity(net, xt, t)
+        return F.mse_loss(pred, target.to(pred.dtype))
+
+    # sample: n Euler steps (RectifiedFlow.sample) of the network the loop passes: sampling_net(n, ema).
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ld3: learning to discretise the ODE of a trained flow
+# ----------------------------------------------------------------------------------------------------------------
+class LD3:
+    """LD3 (Tong et al. 2025): keep the trained flow (the teacher) and learn, for each NFE n, the n + 1 time points
+    of an n-step Euler solver and the n "decoupled" times fed to the network, so that the solver's output matches the
+    teacher's many-step output on a small set of noises. No network is trained; minutes of optimisation.
+
+    In this file's convention (t = 0 noise, t = 1 data; the paper integrates EDM's sigma or logSNR the other way):
+        0 = t_0 < t_1 < ... < t_n = 1,  t_i = sum_{k<i} softmax(xi)_k     (ordered and inside [0, 1] by construction)
+        s_i = t_i + clip(eta_i, -w, w),  w = win_rate * min_k (t_{k+1} - t_k)   (decoupled inputs; s_0 = 0 pinned, as
+              in the authors' code, unless shift_first: then s_0 = clip(eta_0, 0, w), so that NFE 1 has a parameter)
+        x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, s_i)                                    (Euler, n network calls)
+        L = E_i min_{||x0' - x0_i|| <= r} d(Psi_xi(x0'), Psi*(x0_i))                    (Tong et al. Eq. 8, slack)
+    Psi* is the teacher's teacher_steps-step Euler solution from the noise x0_i (num_pairs of them, drawn once).
+    The slack lets each training noise move inside a ball of radius r = slack * D / n^2 (D = C H W, the authors'
+    default of the "prior bound"): the small solver only has to reach the teacher's output from a nearby noise,
+    which keeps it from over-fitting the few pairs. Each step (authors' trainer.py): one SGD step of size
+    12 / n on each batch noise, projected into its ball and kept only where its loss went down.
+    d: the per-pixel mean squared distance (the authors' "L2" option). The paper's LPIPS needs VGG weights that are
+    not available offline, and fid.py's Inception features are a 2048-d summary for distribution statistics at
+    299x299 (a forward and backward pass through Inception per sample and step, tens of times the cost of our U-Net
+    on a CPU) rather than a per-image perceptual distance; the pixel distance is what the target pairs define.
+    Optimisers (authors' code): RMSprop (lr 5e-3, momentum 0.9) on xi, SGD (lr 0.1 / n) on eta, each gradient
+    clipped to norm 1; epochs 1..phase1_epochs learn xi only, the rest both; batch 2 of 50 pairs, 2 + 5 epochs.
+    Simplified: no validation set with patience-based learning-rate decay; the last parameters are used.
+    """
+
+    name = "ld3"
+    uses_cond = False
+    teacher_methods = ("rf", "reflow")
+    needs_teacher = True
+    init_from_teacher = True  # the network in the checkpoint (and at sampling) is the teacher's, untouched
+    summary = ("LD3 (learning to discretise): the trained rectified flow (teacher) is kept fixed; for each NFE n "
+               "the n + 1 time points of an Euler solver and the n times fed to the network (decoupled inputs) are "
+               "optimised so that the n-step solution matches the teacher's many-step solution from the same noise "
+               "on a small set of noises, with the paper's slack (each noise may move inside a small ball). The "
+               "distance is pixel L2 (LPIPS weights are not available offline).")
+    citations = ("Tong, Nguyen-Tang, Tran, Luong, Dinh, Nguyen, Le, Bui. Learning to Discretize Denoising Diffusion "
+                 "ODEs. ICLR 2025, arXiv:2405.15506.",) + RectifiedFlow.citations[:1]
+
+    def __init__(self, nfes=(1, 2, 4), num_pairs=50, batch_size=2, epochs=7, phase1_epochs=2, teacher_steps=100,
+                 lr_time=5e-3, lr_shift=0.1, win_rate=0.5, slack=1e-3, shift_first=False, seed=0):
+        nfes = tuple(sorted(set(nfes))) if isinstance(nfes, (list, tuple)) else nfes
+        if not isinstance(nfes, tuple) or not nfes or not all(isinstance(n, int) and n >= 1 for n in nfes):
+            raise ValueError(f"nfes must be a list of integers >= 1, got {nfes!r}")
+        for key, val in (("num_pairs", num_pairs), ("batch_size", batch_size), ("epochs", epochs),
+                         ("teacher_steps", teacher_steps)):
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"{key} must be an integer >= 1, got {val!r}")
+        if not 0 <= phase1_epochs <= epochs:
+            raise ValueError(f"phase1_epochs must be in [0, epochs = {epochs}], got {phase1_epochs!r}")
+        if not 0 <= win_rate <= 0.5:
+            raise ValueError(f"win_rate must be in [0, 0.5] (decoupled times stay between their neighbours), got "
+                             f"{win_rate!r}")
+        if slack < 0:
+            raise ValueError(f"slack must be >= 0 (0: no slack), got {slack!r}")
+        self.nfes, self.num_pairs, self.batch_size, self.epochs = nfes, num_pairs, batch_size, epochs
+        self.phase1_epochs, self.teacher_steps = phase1_epochs, teacher_steps
+        self.lr_time, self.lr_shift = lr_time, lr_shift
+        self.win_rate, self.slack, self.shift_first, self.seed = win_rate, float(slack), bool(shift_first), seed
+        # xi: logits of the n step sizes (zeros: the uniform grid, i.e. rf's sampler); eta: decoupled offsets.
+        self.grid = torch.nn.ParameterDict({f"{k}{n}": torch.nn.Parameter(torch.zeros(n)) for n in nfes
+                                            for k in ("xi", "eta")})
+        self.teacher, self.pairs, self.latents, self.step, self._pending = None, None, None, 0, []
+
+    def config(self):
+        return {"nfes": list(self.nfes), "num_pairs": self.num_pairs, "batch_size": self.batch_size,
+                "epochs": self.epochs, "phase1_epochs": self.phase1_epochs, "teacher_steps": self.teacher_steps,
+                "lr_time": self.lr_time, "lr_shift": self.lr_shift, "win_rate": self.win_rate, "slack": self.slack,
+                "shift_first": self.shift_first, "seed": self.seed}
+
+    def steps_per_epoch(self):
+        return math.ceil(self.num_pairs / self.batch_size)
+
+    def total_steps(self):
+        return self.epochs * self.steps_per_epoch()
+
+    def check_nfe(self, nfe):
+        if nfe not in self.nfes:
+            raise UnsupportedNFE(f"ld3 learns one time grid per NFE and has grids for NFE "
+                                 f"{', '.join(map(str, self.nfes))} (--ld3-nfe): it can do those, not {nfe!r}")
+
+    def teacher_ok(self, tcfg):
+        if tcfg["method"] not in self.teacher_methods or tcfg["method_args"].get("distill"):
+            return "ld3 discretises a flow teacher's ODE: an rf run (or a reflow run without --distill)"
+        return None
+
+    def times(self, n):
+        """(t: (n + 1,) the solver's time points, s: (n,) the times fed to the network), differentiable in xi, eta."""
+        p = torch.softmax(self.grid[f"xi{n}"], 0)
+        t = torch.cat([p.new_zeros(1), torch.cumsum(p, 0)[:-1], p.new_ones(1)])  # t_0 = 0, t_n = 1 exactly
+        w = self.win_rate * (t[1:] - t[:-1]).min().detach()  # half the smallest gap at most: s stays ordered
+        eta = self.grid[f"eta{n}"]
+        shift = torch.clamp(eta, -w, w)
+        first = torch.clamp(eta[:1], 0 * w, w) if self.shift_first else eta[:1] * 0  # s_0 >= 0: no time before noise
+        return t, t[:-1] + torch.cat([first, shift[1:]])
+
+    def solve(self, net, x, n):
+        """x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, s_i): n network calls."""
+        t, s = self.times(n)
+        t, s = t.to(x.device), s.to(x.device)
+        for i in range(n):
+            x = x + (t[i + 1] - t[i]) * net(x, TIME_SCALE * s[i].expand(x.shape[0]))
+        return x
+
+    def sample(self, net, noise, nfe):
+        self.check_nfe(nfe)
+        return self.solve(net, noise, nfe)
+
+    def make_pairs(self, teacher, noise):
+        """Psi*(x0): the teacher's teacher_steps-step Euler solution (rf's sampler)."""
+        return RectifiedFlow().sample(teacher, noise, self.teacher_steps)
+
+    def on_step(self, step, net, ema):
+        self.step = step  # the batch and the phase are functions of the step (a resumed run continues exactly)
+
+    def batch_indices(self, step):
+        """Pairs of `step`: epoch e is a permutation seeded by (seed, e), cut into batches (the last one smaller)."""
+        e, j = divmod(step, self.steps_per_epoch())
+        perm = torch.randperm(self.num_pairs, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + e))
+        return perm[j * self.batch_size:(j + 1) * self.batch_size]
+
+    def per_sample_distance(self, x, y):
+        return (x - y).float().pow(2).flatten(1).mean(1)  # d: per-pixel mean squared error
+
+    def loss(self, net, x1, x0=None, ema=None):
+        """Sum over the NFEs of the batch-mean distance. `net`, x1 and x0 of the loop are not used: LD3 trains no
+        network; the flow is self.teacher and the data are its own pairs (drawn on the first call)."""
+        if self.teacher is None:
+            raise ValueError("ld3 needs method.teacher (the training loop sets it from --teacher)")
+        dev = x1.device
+        if self.pairs is None:  # the small set of noises and the teacher's outputs, drawn once, kept in the state
+            x0_all = torch.randn((self.num_pairs, *x1.shape[1:]), generator=torch.Generator().manual_seed(self.seed))
+            with torch.no_grad():
+                target = torch.cat([self.make_pairs(self.teacher, c.to(dev)).float().cpu()
+                                    for c in x0_all.split(250)])
+            self.pairs = {"x0": x0_all, "x1": target}
+            self.latents = {str(n): x0_all.clone() for n in self.nfes}
+        idx = self.batch_indices(self.step)
+        x0b, x1b = self.pairs["x0"][idx].to(dev), self.pairs["x1"][idx].to(dev)
+        total, self._pending = 0.0, []
+        for n in self.nfes:
+            latent = self.latents[str(n)][idx].to(dev).requires_grad_(self.slack > 0)
+            d = self.per_sample_distance(self.solve(self.teacher, latent, n), x1b)
+            total = total + d.mean()
+            self._pending.append((n, idx, latent, d.detach(), x0b, x1b))
+        return total
+
+    def slack_step(self):
+        """After the parameter step: x0' <- x0' - (12 / n) grad, projected into ||x0' - x0|| <= r = slack D / n^2,
+        kept only for the samples whose distance went down (authors' trainer.py, _update_latents)."""
+        for n, idx, latent, before, x0b, x1b in self._pending:
+            if latent.grad is None:
+                continue
+            with torch.no_grad():
+                r = self.slack * latent[0].numel() / n ** 2
+                cand = latent - (12.0 / n) * latent.grad
+                diff = cand - x0b
+                norm = diff.flatten(1).norm(dim=1)
+                scale = torch.where(norm > r, r / norm.clamp_min(1e-12), torch.ones_like(norm))
+                cand = x0b + expand_t(scale, diff) * diff
+                after = self.per_sample_distance(self.solve(self.teacher, cand, n), x1b)
+                better = (after < before).cpu()
+                self.latents[str(n)][idx[better]] = cand[better.to(cand.device)].float().cpu()
+        self._pending = []
+
+    def make_optimizer(self, net):
+        """The training loop optimises this instead of the U-Net (whose weights stay the teacher's)."""
+        self.grid.to(next(net.parameters()).device)
+        return LD3Optimizer(self)
+
+    def state_dict(self):
+        return {"grid": self.grid.state_dict(), "pairs": self.pairs, "latents": self.latents}
+
+    def load_state_dict(self, state):
+        self.grid.load_state_dict(state["grid"])
+        self.pairs, self.latents = state["pairs"], state["latents"]
+
+
+class LD3Optimizer:
+    """RMSprop on each grid's xi, SGD on its eta (from epoch phase1_epochs on), gradients clipped to norm 1 per
+    parameter vector, then the slack step on the batch noises (Tong et al.'s trainer.py)."""
+
+    def __init__(self, method):
+        self.method = method
+        g = method.grid
+        self.rms = torch.optim.RMSprop([{"params": [g[f"xi{n}"]]} for n in method.nfes], lr=method.lr_time,
+                                       momentum=0.9)
+        self.sgd = torch.optim.SGD([{"params": [g[f"eta{n}"]], "lr": method.lr_shift / n} for n in method.nfes],
+                                   lr=method.lr_shift)
+        self.param_groups = self.rms.param_groups + self.sgd.param_groups
+
+    def zero_grad(self, set_to_none=True):
+        self.rms.zero_grad(set_to_none)
+        self.sgd.zero_grad(set_to_none)
+
+    def step(self):
+        m = self.method
+        for p in m.grid.values():
+            if p.grad is not None:
+                torch.nn.utils.clip_grad_norm_([p], 1.0)
+        self.rms.step()
+        if m.step >= m.phase1_epochs * m.steps_per_epoch():  # phase 2: the decoupled inputs too
+            self.sgd.step()
+        m.slack_step()
+
+    def state_dict(self):
+        return {"rms": self.rms.state_dict(), "sgd": self.sgd.state_dict()}
+
+    def load_state_dict(self, state):
+        self.rms.load_state_dict(state["rms"])
+        self.sgd.load_state_dict(state["sgd"])
+
+
+METHODS = {"rf": RectifiedFlow, "reflow": Reflow, "shortcut": Shortcut, "meanflow": MeanFlow,
+           "imf": ImprovedMeanFlow, "pd": ProgressiveDistillation, "ld3": LD3}
 
 
 # ================================================================================================================
@@ -694,8 +1056,13 @@ def save_grid(method, ema, noise, nfes, path, cfg, device):
     rows = []
     with torch.no_grad(), fork_rng(device), autocast(cfg, device):
         for n in nfes:
-            rows.append(method.sample(ema, noise.to(device), n).float().clamp(-1, 1).cpu())
+            rows.append(method.sample(sampling_net(method, n, ema), noise.to(device), n).float().clamp(-1, 1).cpu())
     return data.save_grid(torch.cat(rows), path, nrow=len(noise))
+
+
+def sampling_net(method, nfe, ema):
+    """The network that samples at NFE nfe: the EMA network, or the method's choice (pd: the student of that round)."""
+    return method.sampling_net(nfe, ema) if hasattr(method, "sampling_net") else ema
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -725,11 +1092,15 @@ def train(args, cfg, method, state, rank, world, device):
     net = build_net(cfg, device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    if hasattr(method, "make_optimizer"):  # ld3: the method's own parameters instead of the network's
+        opt = method.make_optimizer(net)
     step, train_seconds = 0, 0.0
     if state is not None:
         unet.load_state_dict_checked(net, state["model"])
         unet.load_state_dict_checked(ema, state["ema"])
         opt.load_state_dict(state["optimizer"])
+        if "method_state" in state:  # pd: the students of finished rounds; ld3: its time grids, pairs, noises
+            method.load_state_dict(state["method_state"])
         step, train_seconds = state["step"], state.get("train_seconds", 0.0)
         if main_proc:
             data.set_rng_state(state["rng"])
@@ -765,6 +1136,8 @@ def train(args, cfg, method, state, rank, world, device):
     def save(path=out / "ckpt.pt", **extra):
         if not all(torch.isfinite(p).all() for p in net.parameters()):
             raise NonFiniteLoss(f"weights are not finite at step {step}; {path} kept as it was")
+        if hasattr(method, "state_dict"):
+            extra = dict(extra, method_state=method.state_dict())
         data.save_checkpoint(path, {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                                     "step": step, "rng": data.rng_state(), "config": cfg, "best_fid": best_fid,
                                     "train_seconds": train_seconds, **extra})
@@ -791,8 +1164,10 @@ def train(args, cfg, method, state, rank, world, device):
         if broadcast_flag(time.time() >= deadline, world, device):
             break
         t0 = time.time()
-        for g in opt.param_groups:  # linear warmup
+        for g in ([] if hasattr(method, "make_optimizer") else opt.param_groups):  # linear warmup (the U-Net's)
             g["lr"] = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup"]))
+        if hasattr(method, "on_step"):  # pd: round changes; ld3: its batch and phase
+            method.on_step(step, net, ema)
         batch = batches(step)
         if cfg.get("channels_last"):  # NHWC inputs for the NHWC network (CUDA)
             batch = tuple(b.contiguous(memory_format=torch.channels_last) for b in batch)
@@ -914,7 +1289,7 @@ def evaluate(out, cfg, method, ema, nfes, args, device, write_pngs=True, quiet=F
               "step": cfg.get("step"), "nfe_checked": {}, "sample_seconds": {}}
     ema.eval()
     for nfe in nfes:
-        counter = NFECounter(ema)
+        counter = NFECounter(sampling_net(method, nfe, ema))
         samples, t0 = [], time.time()
         with torch.no_grad(), fork_rng(device), autocast(cfg, device):
             for s in tqdm(range(0, n, bs), desc=f"sampling NFE {nfe}", leave=False, disable=quiet):
@@ -1462,7 +1837,7 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", "--fid", dest="num_samples", type=positive_int, default=1000,
                    help="samples per NFE, written and scored (--fid N as in the other scripts)")
     p.add_argument("--eval-batch-size", type=positive_int, default=250)
-    p.add_argument("--teacher", default=None, help="RUN_DIR of a trained rf run (reflow)")
+    p.add_argument("--teacher", default=None, help="RUN_DIR of a trained rf run (reflow, pd, ld3)")
     p.add_argument("--out", default=None, help="run directory (default runs/<method>-<data>)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--seed", type=int, default=0)
@@ -1493,6 +1868,16 @@ def parse_args(argv=None):
     g.add_argument("--adaptive-p", type=float, default=None,
                    help="meanflow/imf: adaptive weight power p, 0 = plain L2 (default 0.75 / 1)")
     g.add_argument("--adaptive-c", type=float, default=None, help="meanflow/imf: adaptive weight c (1e-3 / 0.01)")
+    g.add_argument("--pd-start-steps", type=positive_int, default=1024,
+                   help="pd: Euler steps of the first round's teacher (the students take half, a quarter, ...)")
+    g.add_argument("--pd-end-steps", type=positive_int, default=1, help="pd: steps of the last round's student")
+    g.add_argument("--pd-round-steps", type=positive_int, default=50_000, help="pd: training iterations per round")
+    g.add_argument("--ld3-nfe", type=positive_int, nargs="+", default=[1, 2, 4], help="ld3: NFEs to learn grids for")
+    g.add_argument("--ld3-batch", type=positive_int, default=2, help="ld3: pairs per optimisation step")
+    g.add_argument("--ld3-epochs", type=positive_int, default=7, help="ld3: passes over the pairs (2 xi only)")
+    g.add_argument("--ld3-slack", type=float, default=1e-3, help="ld3: slack radius r = S * C*H*W / n^2, 0 = off")
+    g.add_argument("--ld3-shift-first", action="store_true",
+                   help="ld3: learn the first network time too (the authors pin it at t = 0; NFE 1 then learns it)")
     g = p.add_argument_group("CS492(C) challenge: the course's U-Net and the submission folder")
     g.add_argument("--net", default=None, help="unet (unet.py, preset --arch; the default) or course:PATH (class UNet "
                                                "of PATH/src/network.py, your checkout of the course's base code)")
@@ -1516,6 +1901,13 @@ def method_kwargs(name, args):
         given = {"ratio": args.ratio, "time_mean": args.time_mean, "time_std": args.time_std,
                  "adaptive_p": args.adaptive_p, "adaptive_c": args.adaptive_c}
         return {k: v for k, v in given.items() if v is not None}
+    if name == "pd":
+        return {"start_steps": args.pd_start_steps, "end_steps": args.pd_end_steps,
+                "round_steps": args.pd_round_steps}
+    if name == "ld3":
+        return {"nfes": list(args.ld3_nfe), "num_pairs": args.num_pairs or 50, "batch_size": args.ld3_batch,
+                "epochs": args.ld3_epochs, "teacher_steps": args.teacher_steps, "slack": args.ld3_slack,
+                "shift_first": args.ld3_shift_first}
     return {}
 
 
@@ -1564,6 +1956,8 @@ def new_config(args, method, device, log):
         if args.arch is None or args.minutes == CPU_MINUTES:
             log(f"no GPU: preset {arch}, " + (f"{args.minutes:g} minutes" if args.minutes else f"{steps} steps")
                 + ("; pass --minutes to change" if net else "; pass --arch/--minutes to change"))
+    if args.steps is None and hasattr(method, "total_steps"):  # pd: rounds x iterations per round; ld3: its epochs
+        steps = method.total_steps()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if batch % world:
         raise UserError(f"--batch-size {batch} is not divisible by the {world} processes; use a multiple of {world}")
@@ -1659,6 +2053,8 @@ def run(args, rank, world, device):
         ema = ema_net(state)
         ema = ema.to(device)
         step = state["step"]
+        if "method_state" in state:
+            method.load_state_dict(state["method_state"])
     else:
         step, ema = train(args, cfg, method, state, rank, world, device)
         state = data.load_checkpoint(out / "ckpt.pt") if rank == 0 else None

@@ -213,7 +213,8 @@ def test_sampling_uses_exactly_nfe_network_calls(name):
     calls = []
     net.register_forward_hook(lambda *a: calls.append(1))
     method = fewstep.METHODS[name]()
-    for nfe in (1, 2, 4, 8):
+    assert all(fewstep._supports(method, n) for n in (1, 2, 4))
+    for nfe in [n for n in (1, 2, 4, 8) if fewstep._supports(method, n)]:  # ld3's grids: 1, 2, 4 by default
         calls.clear()
         with torch.no_grad():
             x = method.sample(net, torch.randn(3, 1, 28, 28), nfe)
@@ -262,7 +263,7 @@ def rf_teacher(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name", list(fewstep.METHODS))
+@pytest.mark.parametrize("name", [n for n in fewstep.METHODS if n not in ("pd", "ld3")])  # tests/test_fewstep_pd_ld3.py
 def test_each_method_trains_with_falling_loss_and_writes_its_samples(name, tmp_path, rf_teacher):
     extra = ["--teacher", str(rf_teacher), "--num-pairs", "64", "--teacher-steps", "4"] if name == "reflow" else []
     result = fewstep.main(["--method", name, *TINY, "--steps", "40", "--out", str(tmp_path), *extra])
