@@ -29,7 +29,9 @@ Liu et al. write X_t = t X1 + (1 - t) X0 with X0 the noise, and Frans et al. use
 need no rewriting. The network is fed 1000 t (and shortcut's step size as 1000 d through unet.py's second scalar):
 unet.py's sinusoidal embedding was designed for DDPM's integer steps 0..999, so this keeps its frequencies in the
 range they were chosen for, and step sizes 1/128 .. 1 become 7.8 .. 1000, far enough apart to be told apart.
-meanflow and imf feed their span s - t the same way (1000 (s - t)), so 0 means "instantaneous velocity".
+meanflow and imf are the exception: their JVP differentiates the network in t, which the fast components of an
+embedding of 1000 t make unstable, so they feed t and their span s - t unscaled, as their authors' code does (see
+MeanFlow's docstring; 0 span means "instantaneous velocity").
 
 Equations (x0 ~ N(0, I), x1 ~ data, t ~ p(t)):
   rf        L = E || v_theta(x_t, t) - (x1 - x0) ||^2                                           (Liu et al. Eq. 1)
@@ -386,6 +388,11 @@ class MeanFlow:
     Second scalar: the network's cond is the span s - t (Table 1c: (t, t - r) is the paper's choice). At s = t it
     is 0, where unet.py's zero-initialised cond embedding makes a new network a plain flow-matching net, and the
     one-step jump (0 -> 1) is span 1, like shortcut's d = 1.
+    Time scale: unlike the rest of this file, the network sees t and s - t themselves (time_scale = 1), as the
+    authors' U-Net code feeds t and t - r in [0, 1] to its positional embedding. The JVP differentiates the network
+    in t, and at 1000 t the sinusoidal embedding's fast components (cos(1000 t f) for f near 1) make du/dt up to
+    1000 times larger: measured here, the tiny preset at lr 1e-3 diverges within 60 steps with time_scale 1000
+    (per-pixel error 1.8 -> 43 for meanflow, 1.8 -> 12 for imf) and trains with 1 (1.8 -> 1.0 and 0.57).
     Sampling (Alg. 2): NFE n on the uniform grid t_k = k / n, x_{k+1} = x_k + (1/n) u(x_k, t_k, t_{k+1}).
     """
 
@@ -401,7 +408,7 @@ class MeanFlow:
     citations = ("Geng, Deng, Bai, Kolter, He. Mean Flows for One-step Generative Modeling. NeurIPS 2025, "
                  "arXiv:2505.13447.",)
 
-    def __init__(self, ratio=0.75, time_mean=-2.0, time_std=2.0, adaptive_p=0.75, adaptive_c=1e-3):
+    def __init__(self, ratio=0.75, time_mean=-2.0, time_std=2.0, adaptive_p=0.75, adaptive_c=1e-3, time_scale=1.0):
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"ratio (share of the batch with s != t) must be in [0, 1], got {ratio!r}")
         if not time_std > 0:
@@ -409,19 +416,21 @@ class MeanFlow:
         if adaptive_p < 0 or not adaptive_c > 0:
             raise ValueError(f"adaptive weighting needs p >= 0 and c > 0, got p={adaptive_p!r}, c={adaptive_c!r}")
         self.ratio, self.time_mean, self.time_std = float(ratio), float(time_mean), float(time_std)
-        self.adaptive_p, self.adaptive_c = float(adaptive_p), float(adaptive_c)
+        if not time_scale > 0:
+            raise ValueError(f"time_scale must be > 0, got {time_scale!r}")
+        self.adaptive_p, self.adaptive_c, self.time_scale = float(adaptive_p), float(adaptive_c), float(time_scale)
 
     def config(self):
         return {"ratio": self.ratio, "time_mean": self.time_mean, "time_std": self.time_std,
-                "adaptive_p": self.adaptive_p, "adaptive_c": self.adaptive_c}
+                "adaptive_p": self.adaptive_p, "adaptive_c": self.adaptive_c, "time_scale": self.time_scale}
 
     def check_nfe(self, nfe):
         if not isinstance(nfe, int) or nfe < 1:
             raise UnsupportedNFE(f"NFE must be an integer >= 1, got {nfe!r}")
 
     def average_velocity(self, net, x, t, s):
-        """u_theta(x, t, s) for t <= s: (B,) in [0, 1]; the network sees 1000 t and the span 1000 (s - t)."""
-        return net(x, TIME_SCALE * t, cond=TIME_SCALE * (s - t))
+        """u_theta(x, t, s) for t <= s: (B,) in [0, 1]; the network sees time_scale t and time_scale (s - t)."""
+        return net(x, self.time_scale * t, cond=self.time_scale * (s - t))
 
     def total_derivative(self, net, x, t, s, dxdt):
         """(u_theta(x, t, s), du_theta/dt) in one forward-mode pass: the JVP along (dx, dt, ds) = (dxdt, 1, 0),
@@ -497,8 +506,8 @@ class ImprovedMeanFlow(MeanFlow):
     citations = ("Geng, Lu, Wu, Shechtman, Kolter, He. Improved Mean Flows: On the Challenges of Fastforward "
                  "Generative Models. CVPR 2026, arXiv:2512.02012.", MeanFlow.citations[0])
 
-    def __init__(self, ratio=0.5, time_mean=-0.4, time_std=1.0, adaptive_p=1.0, adaptive_c=0.01):
-        super().__init__(ratio, time_mean, time_std, adaptive_p, adaptive_c)
+    def __init__(self, ratio=0.5, time_mean=-0.4, time_std=1.0, adaptive_p=1.0, adaptive_c=0.01, time_scale=1.0):
+        super().__init__(ratio, time_mean, time_std, adaptive_p, adaptive_c, time_scale)
 
     def loss(self, net, x1, x0=None, ema=None):
         x0 = torch.randn_like(x1) if x0 is None else x0
@@ -1349,7 +1358,9 @@ def write_report(out, cfg, method, state):
                 if cfg.get("net") else f"unet.py preset `{cfg['arch']}`") +
              f" ({cfg.get('num_parameters', 0):,} parameters), input "
              f"{cfg['unet']['in_channels']}x{cfg['unet']['image_size']}x{cfg['unet']['image_size']}; time fed as "
-             f"1000 t" + (", step size as 1000 d (second scalar)" if method.uses_cond else "") + ".", "",
+             f"{getattr(method, 'time_scale', TIME_SCALE):g} t" + (
+                 f", second scalar ({'span s - t' if hasattr(method, 'time_scale') else 'step size d'}) scaled "
+                 f"alike" if method.uses_cond else "") + ".", "",
              "## Training", "",
              f"- iterations: {state['step']:,}, global batch size {cfg['batch_size']}, AdamW lr {cfg['lr']} "
              f"(linear warmup {cfg['warmup']} steps, weight decay {cfg['weight_decay']}), gradient clipping "
@@ -1393,7 +1404,7 @@ def write_report(out, cfg, method, state):
 # The challenge fixes the network: class UNet of src/network.py in the student's checkout of the course's base code,
 # forward(x, timestep, condition=None). It is imported from that checkout at run time (nothing of it lives here).
 # Every method feeds it what it feeds unet.py: timestep = 1000 t (TIME_SCALE) and condition = 1000 * the second
-# scalar. The course embeds timestep with GLIDE's sinusoidal embedding (max_period 10000, no rescaling of its
+# scalar (meanflow and imf: t and s - t unscaled, see MeanFlow). The course embeds timestep with GLIDE's sinusoidal embedding (max_period 10000, no rescaling of its
 # input), made for DDPM's integer steps 0..999 (its template's num_train_timesteps = 1000), so [0, 1000] is the
 # range its frequencies were chosen for. The official sampling.py then loads a submission as
 #   model = create_custom_model(device=device, **json.load(checkpoints/model_config.json))
@@ -1600,7 +1611,7 @@ class FewstepModel(BaseGenerativeModel):
         self.image_shape = tuple(image_shape)
 
     def net(self):
-        """The network as the method calls it: net(x, 1000 t, cond=1000 * second scalar)."""
+        """The network as the method calls it: net(x, 1000 t, cond=1000 * second scalar) (meanflow/imf: unscaled)."""
         return CourseNet(self.network, self.use_additional_condition)
 
     def compute_loss(self, data, noise, **kwargs):
@@ -1670,8 +1681,9 @@ export again rather than editing it. The official sampling.py loads it as
     model.sample((B, 3, 64, 64), num_inference_timesteps=nfe, verbose=False)   # [-1, 1], exactly nfe U-Net calls
 Time convention (fewstep.py's): t in [0, 1], t = 0 noise, t = 1 data, x_t = (1 - t) x0 + t x1, sampling runs from
 0 to 1. The U-Net of src/network.py (unmodified) is fed timestep = 1000 t and, for a second scalar, condition =
-1000 * that scalar. Below: {method_cls.__name__} and what it uses, copied from fewstep.py (cite it in the write-up),
-then the course's interface. Needs only {needs} and the course's src/.
+1000 * that scalar (meanflow / imf: t and s - t, unscaled).
+Below: {method_cls.__name__} and what it uses, copied from fewstep.py (cite it in the write-up), then the course's
+interface. Needs only {needs} and the course's src/.
 """
 '''
     base = "from src.base_model import BaseScheduler, BaseGenerativeModel" if has_base else EXPORT_BASES.strip()
@@ -1868,6 +1880,8 @@ def parse_args(argv=None):
     g.add_argument("--adaptive-p", type=float, default=None,
                    help="meanflow/imf: adaptive weight power p, 0 = plain L2 (default 0.75 / 1)")
     g.add_argument("--adaptive-c", type=float, default=None, help="meanflow/imf: adaptive weight c (1e-3 / 0.01)")
+    g.add_argument("--mf-time-scale", type=float, default=None,
+                   help="meanflow/imf: the network sees this times t and s - t (default 1; the other methods 1000)")
     g.add_argument("--pd-start-steps", type=positive_int, default=1024,
                    help="pd: Euler steps of the first round's teacher (the students take half, a quarter, ...)")
     g.add_argument("--pd-end-steps", type=positive_int, default=1, help="pd: steps of the last round's student")
@@ -1899,7 +1913,7 @@ def method_kwargs(name, args):
                 "bootstrap_ema": args.bootstrap_ema, "time_dist": args.time_dist}
     if name in ("meanflow", "imf"):  # only what was given: the two methods have different defaults
         given = {"ratio": args.ratio, "time_mean": args.time_mean, "time_std": args.time_std,
-                 "adaptive_p": args.adaptive_p, "adaptive_c": args.adaptive_c}
+                 "adaptive_p": args.adaptive_p, "adaptive_c": args.adaptive_c, "time_scale": args.mf_time_scale}
         return {k: v for k, v in given.items() if v is not None}
     if name == "pd":
         return {"start_steps": args.pd_start_steps, "end_steps": args.pd_end_steps,

@@ -21,6 +21,10 @@ from fewstep import ImprovedMeanFlow, MeanFlow, expand_t
 from test_fewstep import TINY, exact_flow, exact_velocity, fit, grid_x, ks_pvalue, losses
 from test_fewstep import one_thread  # noqa: F401  (autouse fixture: small MLPs on one thread)
 
+# The closed-form nets here and test_fewstep's GaussNet read their times as 1000 t, the rest of fewstep.py's scale;
+# meanflow and imf feed t unscaled by default (time_scale = 1), so these tests give them time_scale = 1000.
+K = 1000.0
+
 
 class ExactAverageVelocityNet(nn.Module):
     """u(x, t, s) of N(M, S^2) data as a net(x, 1000 t, cond = 1000 (s - t)); v(x, t) at s = t."""
@@ -69,8 +73,8 @@ def test_targets_of_the_exact_average_velocity_of_gaussian_data():
     x = torch.randn(64, 1)
     t, s = random_times(64, seed=2)
     v = exact_velocity(x, expand_t(t, x))
-    torch.testing.assert_close(ImprovedMeanFlow().compound_velocity(net, x, t, s), v, rtol=1e-5, atol=1e-5)
-    u, dudt = MeanFlow().total_derivative(net, x, t, s, v)
+    torch.testing.assert_close(ImprovedMeanFlow(time_scale=K).compound_velocity(net, x, t, s), v, rtol=1e-5, atol=1e-5)
+    u, dudt = MeanFlow(time_scale=K).total_derivative(net, x, t, s, v)
     torch.testing.assert_close(v + expand_t(s - t, v) * dudt, u, rtol=1e-5, atol=1e-5)
     assert (dudt.abs() > 1e-2).any()  # the identity is not satisfied trivially: u does change along the path
 
@@ -89,9 +93,9 @@ def test_loss_is_zero_for_the_exact_average_velocity_of_a_point_mass(cls):
 
     x1 = torch.full((256, 3, 4, 4), c)
     torch.manual_seed(0)
-    exact = cls().loss(PointMassNet(), x1).item()
+    exact = cls(time_scale=K).loss(PointMassNet(), x1).item()
     torch.manual_seed(0)
-    off = cls().loss(PointMassNet(offset=0.01), x1).item()
+    off = cls(time_scale=K).loss(PointMassNet(offset=0.01), x1).item()
     assert abs(exact) < 1e-8 and off > 1e-4, (exact, off)
 
 
@@ -106,7 +110,7 @@ def test_learns_the_exact_average_velocity_and_samples_the_target_at_nfe_1_and_4
     one whose minimiser is not the conditional mean (with p = 1 it is E log(err + c)); with images, err sums
     over thousands of pixels and concentrates, which is where the paper uses them. MeanFlow's CIFAR-10 times
     (logit-normal(-2, 2), 75% s != t) for both."""
-    method = cls(adaptive_p=0.0, ratio=0.75, time_mean=-2.0, time_std=2.0)
+    method = cls(adaptive_p=0.0, ratio=0.75, time_mean=-2.0, time_std=2.0, time_scale=K)
     p1, p4, net = fit_and_score(method, steps=2500)
     with torch.no_grad():
         for t, s in ((0.0, 1.0), (0.0, 0.5), (0.5, 1.0)):
@@ -141,7 +145,7 @@ class ImprovedMeanFlowSignError(ImprovedMeanFlow):
 
 @pytest.mark.parametrize("cls", [MeanFlowSignError, MeanFlowMissingSpan, ImprovedMeanFlowSignError])
 def test_the_exactness_test_fails_for_a_wrong_target(cls):
-    method = cls(adaptive_p=0.0, ratio=0.75, time_mean=-2.0, time_std=2.0)
+    method = cls(adaptive_p=0.0, ratio=0.75, time_mean=-2.0, time_std=2.0, time_scale=K)
     with np.errstate(all="ignore"):
         p1, _, _ = fit_and_score(method, steps=1000)
     assert not p1 > 1e-3, p1  # NaN (diverged) counts as failing
