@@ -1715,6 +1715,10 @@ def export_submission(out, dest, force, log=print):
     if bad:
         raise UserError(f"--export-submission: {cfg['method']} with {cfg['method_args']} cannot sample at NFE "
                         f"{', '.join(map(str, bad))}, which the official sampling.py asks for (NFE 1, 2, 4)")
+    if hasattr(method, "sampling_net") or hasattr(method, "state_dict"):  # pd's per-round students, ld3's grids
+        raise UserError(f"--export-submission: {cfg['method']} samples with state of its own (a network per NFE or "
+                        f"learned time grids, ckpt.pt's method_state), which a submission of one network and its "
+                        f"config cannot carry yet; export a method whose sampling needs only the network")
     source = submission_source(type(method), cfg, root, run, state["step"])
     try:
         ast.parse(source, feature_version=(3, 10))  # the TAs' environment: Python 3.10, torch 2.6

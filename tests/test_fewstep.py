@@ -536,6 +536,13 @@ class ShortcutSamplingWithTeacher(Shortcut):
         return self.teacher(noise, torch.zeros(noise.shape[0]))
 
 
+class ShortcutWithStudentsPerNFE(Shortcut):
+    """Samples each NFE with a network of its own (pd's students): a submission of one network cannot hold that."""
+
+    def sampling_net(self, nfe, ema):
+        return ema
+
+
 class ShortcutOneStepOnly(Shortcut):
     def check_nfe(self, nfe):
         if nfe != 1:
@@ -568,7 +575,8 @@ def test_course_net_and_export_refuse_bad_input_in_one_line(course_run, tmp_path
     refused(["--out", str(rf_teacher), "--export-submission", str(dest)], "the challenge requires the course's U-Net")
     for cls, message in ((ShortcutRoundedByData, "it uses data (data.py of this project)"),
                          (ShortcutSamplingWithTeacher, "fails on its own (AttributeError"),
-                         (ShortcutOneStepOnly, "cannot sample at NFE 2, 4")):
+                         (ShortcutOneStepOnly, "cannot sample at NFE 2, 4"),
+                         (ShortcutWithStudentsPerNFE, "samples with state of its own")):
         monkeypatch.setitem(fewstep.METHODS, "shortcut", cls)
         refused(export, message)
     assert not dest.exists()
