@@ -14,6 +14,11 @@ Methods (each a small class with `loss(net, x1)` and `sample(net, noise, nfe)`, 
   reflow    k-rectified flow (Liu et al. 2023, Sec. 2.3 "reflow", and its one-step distillation): retrain on
             (noise, teacher ODE output) pairs of a trained rf run (--teacher RUN_DIR).
   shortcut  Frans, Hafner, Levine, Abbeel. One Step Diffusion via Shortcut Models. ICLR 2025, arXiv:2410.12557.
+  cm        Song, Dhariwal, Chen, Sutskever. Consistency Models. ICML 2023, arXiv:2303.01469; trained from scratch
+            with Song, Dhariwal. Improved Techniques for Training Consistency Models. ICLR 2024, arXiv:2310.14189
+            (iCT), or distilled from a trained rf run (--teacher RUN_DIR, optional).
+  ctm       Kim, Lai, Liao, Murata, Takida, Uesaka, He, Mitsufuji, Ermon. Consistency Trajectory Models: Learning
+            Probability Flow ODE Trajectory of Diffusion. ICLR 2024, arXiv:2310.02279 (--teacher RUN_DIR, an rf run).
 
 Time convention of the whole file (the same as cfm_mnist.py): t in [0, 1], t = 0 is noise x0 ~ N(0, I), t = 1 is
 data x1 (an image in [-1, 1]); the path is x_t = (1 - t) x0 + t x1 and sampling integrates FORWARD from 0 to 1.
@@ -33,6 +38,16 @@ Equations (x0 ~ N(0, I), x1 ~ data, t ~ p(t)):
               + E || s_theta(x_t, t, 2d) - sg[ (s(x_t, t, d) + s(x'_{t+d}, t + d, d)) / 2 ] ||^2,
                     x'_{t+d} = x_t + d s(x_t, t, d)                           self-consistency, 1/4  (Frans Eq. 5)
             NFE n (a power of two up to M = 128): d = 1/n, x_{k+1} = x_k + d s_theta(x_k, k d, d)
+  cm, ctm   EDM's sigma (x_sigma = x1 + sigma z) is this file's x_t rescaled: sigma = (1 - t) / t, x_sigma = x_t / t.
+  cm        f(x_t, sigma) = c_skip(sigma) x_sigma + c_out(sigma) F_theta(c_in x_sigma, 1000 t), c_skip(sigma_min) = 1,
+            c_out(sigma_min) = 0: f is the identity at the smallest level, exactly               (Song et al. Sec. 3.1)
+            L = E 1/(sigma_{i+1} - sigma_i) d(f_theta(x_{sigma_{i+1}}, sigma_{i+1}), sg f_theta(x_{sigma_i}, sigma_i)),
+            x_sigma = x1 + sigma z (one z), d pseudo-Huber, i lognormal, N(k) doubling          (Song & Dhariwal Sec. 3)
+            NFE n: x = f(sigma_max z); then at t_1 < ... < t_{n-1}: x = f(t (x + sigma z'), sigma(t))  (CM Alg. 1)
+  ctm       G_theta(x_t, t, s) = x_t + (s - t) u_theta(x_t, t, s)   (Kim et al., rewritten; G(x, t, t) = x)
+            L = || G_sg(G_theta(x_t, t, s), s, 1) - G_sg(G_sg(x_u^teacher, u, s), s, 1) ||^2 + flow matching at s = t,
+            x_u^teacher: Heun steps of the teacher t -> u, t < u <= s                         (Kim et al. 2024)
+            NFE n: jumps tau_k -> tau_{k+1}, tau_k = k / n (gamma = 0)                  (Kim et al. gamma-sampling)
 
 Each method takes any `net(x, t, cond=None)` (t, cond: (B,) floats) and knows nothing else of this file, so a class
 can be lifted into another codebase together with expand_t / sample_time. NFE is exact: `sample(net, noise, n)`
@@ -50,6 +65,8 @@ Usage:
     python fewstep.py --method rf --data mnist5k --arch mnist --minutes 20 --out runs/rf-mnist5k
     python fewstep.py --method reflow --teacher runs/rf-mnist5k --data mnist5k --minutes 10 --out runs/reflow
     python fewstep.py --method shortcut --data simpsons --arch challenge --steps 250000 --batch-size 128
+    python fewstep.py --method cm --data mnist5k --minutes 20 --cm-total-steps 10000   # iCT from scratch
+    python fewstep.py --method ctm --teacher runs/rf-mnist5k --minutes 20 --out runs/ctm  # CTM from an rf run
     torchrun --nproc_per_node=4 fewstep.py --method shortcut --arch challenge   # DistributedDataParallel
     python fewstep.py --out runs/rf-mnist5k --eval-only --nfe 1 2 4 --report     # score an existing run again
 Rerunning a training command resumes from RUN/ckpt.pt. A run directory holds config.json, ckpt.pt (best.pt with
@@ -318,7 +335,7 @@ def t_to_sigma(t):
 
 
 def karras_sigmas(n, sigma_min, sigma_max, rho, device="cpu"):
-    """The n noise levels of Karras et al. 2022 (Eq. 5), ascending as in Song & Dhariwal 2024 (Sec. 3.4):
+    """The n noise levels of Karras et al. 2022 (Eq. 5), ascending as in Song & Dhariwal 2024:
     sigma_i = (sigma_min^(1/rho) + (i - 1) / (n - 1) (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho, i = 1 .. n.
     Computed in float64 so that the two ends are sigma_min and sigma_max to the last bit."""
     i = torch.arange(n, dtype=torch.float64, device=device) / (n - 1)
@@ -348,7 +365,7 @@ def parse_jump_times(times, name, lo=0.0, hi=1.0):
 
 class ConsistencyModel:
     """Consistency models (Song et al. 2023), trained from scratch with the improved recipe (iCT, Song & Dhariwal
-    2024), or distilled from a trained rf run (consistency distillation, CD, Song et al. 2023 Sec. 3).
+    2024), or distilled from a trained rf run (consistency distillation, CD, Song et al. 2023).
 
     Consistency function f_theta(x_t, t): every point of one ODE trajectory maps to the same data point. In EDM
     terms (Song et al. Sec. 3, Appendix C; x_sigma = (1 + sigma) x_t, see the mapping above):
@@ -359,20 +376,20 @@ class ConsistencyModel:
     x_sigma_min = (1 + sigma_min) x_t whatever the network: the boundary condition holds by construction, not by
     training. The output is on the data scale (an image in [-1, 1] plus sigma_min noise).
 
-    iCT (Song & Dhariwal 2024), each item with its section:
-      - levels sigma_1 < ... < sigma_N(k), Karras et al. with rho = 7, sigma in [0.002, 80] (Sec. 3.1, 3.4);
+    iCT (Song & Dhariwal 2024, Sec. 3, the improved techniques one by one):
+      - levels sigma_1 < ... < sigma_N(k), Karras et al. with rho = 7, sigma in [0.002, 80];
       - curriculum N(k) = min(s0 2^floor(k / K'), s1) + 1, K' = floor(K / (log2 floor(s1 / s0) + 1)),
-        s0 = 10, s1 = 1280, K the training length (Sec. 3.4, Eq. 8): the exponential discretisation curriculum;
+        s0 = 10, s1 = 1280, K the training length: the exponential discretisation curriculum;
       - level index i drawn with p(i) proportional to erf((ln sigma_(i+1) - P_mean) / (sqrt 2 P_std)) -
-        erf((ln sigma_i - P_mean) / (sqrt 2 P_std)), P_mean = -1.1, P_std = 2.0 (Sec. 3.5, Eq. 10);
-      - weight lambda(sigma_i) = 1 / (sigma_(i+1) - sigma_i) (Sec. 3.5);
-      - pseudo-Huber d(x, y) = sqrt(||x - y||^2 + c^2) - c, c = 0.00054 sqrt(dim) (Sec. 3.3);
-      - no EMA teacher: the target network is the student itself, stop-gradient, theta^- = theta (Sec. 3.2);
-        student and target share the dropout masks (Sec. 3.2, "the same random number generator states").
-    L = E lambda(sigma_i) d(f_theta(x_(sigma_(i+1)), sigma_(i+1)), sg f_theta(x_(sigma_i), sigma_i))  (iCT Eq. 5)
+        erf((ln sigma_i - P_mean) / (sqrt 2 P_std)), P_mean = -1.1, P_std = 2.0 (lognormal levels);
+      - weight lambda(sigma_i) = 1 / (sigma_(i+1) - sigma_i);
+      - pseudo-Huber d(x, y) = sqrt(||x - y||^2 + c^2) - c, c = 0.00054 sqrt(dim) (dim = C H W);
+      - no EMA teacher: the target network is the student itself, stop-gradient, theta^- = theta;
+        student and target share the dropout masks (the same random number generator state).
+    L = E lambda(sigma_i) d(f_theta(x_(sigma_(i+1)), sigma_(i+1)), sg f_theta(x_(sigma_i), sigma_i))   (iCT)
     CT: x_(sigma_i) = x1 + sigma_i z with the same z, i.e. x_(t_i) = t_i x1 + (1 - t_i) z in this file.
     CD (a teacher, --teacher RUN): x_(t_i) = one Heun step of the teacher's ODE from x_(t_(i+1)) (Song et al.
-    Sec. 5 use Heun on EDM teachers); everything else as in iCT, theta^- = theta as well.
+    use Heun on EDM teachers); everything else as in iCT, theta^- = theta as well.
 
     Training length: the curriculum needs K, but a run bounded by --minutes has no known total. K is therefore a
     fixed hyperparameter, total_steps (--cm-total-steps, default 100,000: the paper's 400,000 are at batch 1024 on
@@ -384,7 +401,7 @@ class ConsistencyModel:
     x_T = sigma_max z as the paper's (the data's share t_min x1 is dropped, as the paper drops it). Intermediate
     times: by default t = k / NFE (NFE 2: t = 1/2, sigma = 1; NFE 4: t = 1/4, 1/2, 3/4, sigma = 3, 1, 1/3), where
     rf's Euler and shortcut's steps also evaluate, so the NFE-n rows of all methods are comparable. The papers
-    choose them by a search on FID (Song et al. Sec. 6), which `times` ({NFE: [t, ...]}, --cm-times) allows.
+    choose them by a search on FID, which `times` ({NFE: [t, ...]}, --cm-times) allows.
     """
 
     name = "cm"
@@ -436,7 +453,7 @@ class ConsistencyModel:
         return self.times.get(nfe, tuple(k / nfe for k in range(1, nfe)))
 
     def num_scales(self, k):
-        """N(k) = min(s0 2^floor(k / K'), s1) + 1 (iCT Eq. 8)."""
+        """N(k) = min(s0 2^floor(k / K'), s1) + 1 (iCT's exponential curriculum)."""
         k_prime = self.total_steps // (int(math.log2(self.s1 // self.s0)) + 1)
         return min(self.s0 * 2 ** (k // k_prime), self.s1) + 1
 
@@ -466,7 +483,7 @@ class ConsistencyModel:
         z = torch.randn_like(x1) if x0 is None else x0
         b, dev = x1.shape[0], x1.device
         sigmas = karras_sigmas(self.num_scales(self.training_step), self.sigma_min, self.sigma_max, self.rho, dev)
-        # Lognormal choice of the pair (sigma_i, sigma_(i+1)), iCT Eq. 10.
+        # Lognormal choice of the pair (sigma_i, sigma_(i+1)) (iCT's noise schedule).
         cdf = torch.erf((torch.log(sigmas) - self.p_mean) / (math.sqrt(2) * self.p_std))
         i = torch.multinomial((cdf[1:] - cdf[:-1]).float(), b, replacement=True)
         sigma_lo, sigma_hi = sigmas[i], sigmas[i + 1]
@@ -475,9 +492,9 @@ class ConsistencyModel:
         with torch.no_grad():
             x_lo = self.target_point(x_hi, x1, z, t_hi, t_lo)
             with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):  # same dropout masks below
-                target = self.consistency_fn(net, x_lo, sigma_lo)  # sg(f_theta): no EMA (iCT Sec. 3.2)
+                target = self.consistency_fn(net, x_lo, sigma_lo)  # sg(f_theta): no EMA (iCT)
         pred = self.consistency_fn(net, x_hi, sigma_hi)
-        c = self.huber_c if self.huber_c is not None else 0.00054 * math.sqrt(x1[0].numel())  # iCT Sec. 3.3
+        c = self.huber_c if self.huber_c is not None else 0.00054 * math.sqrt(x1[0].numel())  # iCT
         d = torch.sqrt(((pred.float() - target.float()) ** 2).flatten(1).sum(1) + c ** 2) - c  # pseudo-Huber
         return (d / (sigma_hi - sigma_lo).float()).mean()  # lambda = 1 / (sigma_(i+1) - sigma_i)
 
@@ -501,7 +518,7 @@ class CTM:
     s >= t (nearer the data) of the teacher's ODE trajectory through x_t; s enters through the network's second
     scalar (1000 s). CTM generalises both the ODE (s -> t: the velocity) and consistency models (s = 1).
 
-    Parametrisation. Kim et al. (Eq. 5) write, in EDM's sigma, G(x_t, t, s) = (s/t) x_t + (1 - s/t) g_theta(x_t,
+    Parametrisation. Kim et al. write, in EDM's sigma, G(x_t, t, s) = (s/t) x_t + (1 - s/t) g_theta(x_t,
     t, s) with g a denoiser. Rewritten in this file's convention with the straight path (x_t = (1 - t) eps + t D,
     so x_s = ((1 - s) / (1 - t)) x_t + ((s - t) / (1 - t)) D), and with g written the way the rf teacher predicts
     its denoiser, D = x_t + (1 - t) v:
@@ -510,22 +527,24 @@ class CTM:
     the DSM term), and a student initialised from the teacher (zero-initialised cond_embed) starts as u = v: one
     Euler step of the teacher for every (t, s). t = 0 (pure noise) is allowed, so sampling starts from the noise.
 
-    Losses (Sec. 4 and the authors' defaults):
+    Losses (Kim et al. and the defaults of the authors' code, sony/ctm):
       soft consistency matching: t < u <= s on a grid t_0 = 0 < ... < t_(N-1) = 1 (the Karras levels of EDM,
         rho = 7, sigma in [0.002, 80], mapped by t = 1 / (1 + sigma), ends moved to 0 and 1; N = 18 as for
         CIFAR-10); u = t + k grid steps with k ~ U{1 .. heun_steps} once per batch, s uniform on the grid in
         [u, 1]; x_u = k Heun steps of the teacher from x_t;
-        L_CTM = || G_sg(G_theta(x_t, t, s), s, 1) - G_sg(G_sg(theta)(x_u, u, s), s, 1) ||^2          (Eq. 7)
+        L_CTM = || G_sg(G_theta(x_t, t, s), s, 1) - G_sg(G_sg(theta)(x_u, u, s), s, 1) ||^2
         Both sides are carried to the data (s -> 1) by the EMA net theta^- (the target network), the gradient
         flowing through its input only; the inner target G(x_u, u, s) is the student's own net, stop-gradient
         (the authors' defaults). Distance: L2 (the paper: LPIPS, whose weights are not available offline).
       DSM: g_theta(x_t, t, t) = x_t + (1 - t) u_theta(x_t, t, t) must denoise; ||x1 - g||^2 = (1 - t)^2
-        ||(x1 - x0) - u(x_t, t, t)||^2, used here with EDM's weight rewritten (it varies by 2x over t, we use 1):
-        flow matching on u(x_t, t, t), weight lambda_dsm (the paper balances it by gradient norms; fixed here).
-      GAN: off and not implemented. The paper's discriminator is built on pretrained feature networks
-        (StyleGAN-XL's, Sec. 4.3); their weights cannot be downloaded here, and a discriminator trained from
-        scratch on CPU budgets would be a different method.
-    Sampling, gamma-sampling (Algorithm 1): grid 0 = tau_0 < ... < tau_n = 1 (default tau_k = k / n); from
+        ||(x1 - x0) - u(x_t, t, t)||^2; EDM's weight (sigma^2 + sigma_d^2) / (sigma sigma_d)^2 times (1 - t)^2 is
+        (1 - t)^2 / sigma_d^2 + t^2 (4 at t = 0 to 1 at t = 1 for sigma_d = 0.5); we use 1, i.e. rf's flow
+        matching on u(x_t, t, t) at uniform t, times lambda_dsm (the authors' code balances the two terms by
+        their gradient norms at the last layer; fixed here).
+      GAN: off, and not implemented. The paper's discriminator sits on frozen pretrained feature networks (the
+        projected discriminator of StyleGAN-XL); their weights cannot be downloaded here, and a discriminator
+        trained from scratch would be a different method with its own tuning.
+    Sampling, gamma-sampling (Kim et al.): grid 0 = tau_0 < ... < tau_n = 1 (default tau_k = k / n); from
     tau_k jump to the time of sigma' = sqrt(1 - gamma^2) sigma(tau_(k+1)), then add noise back up to
     sigma(tau_(k+1)): x_sigma += gamma sigma(tau_(k+1)) z. gamma = 0 (default): deterministic jumps along the
     trajectory; gamma = 1: jump to the data and re-noise, CM's multistep sampler. One network call per jump.
@@ -595,7 +614,9 @@ class CTM:
             raise ValueError("ctm learns from a teacher: set method.teacher (--teacher RUN_DIR, an rf run)")
         x0 = torch.randn_like(x1) if x0 is None else x0
         b, dev, n = x1.shape[0], x1.device, self.num_scales
-        target_net = ema if ema is not None else net  # theta^-, the EMA of the training loop
+        # theta^-: the training loop's EMA (Kim et al. use decay 0.999: --ema-decay 0.999). Without one, the online
+        # net, whose outer jump then also passes gradient to the weights.
+        target_net = ema if ema is not None else net
         grid = self.grid.to(dev, x1.dtype)
         k = int(torch.randint(1, self.heun_steps + 1, ()))  # teacher steps t -> u, one k per batch
         i = torch.randint(0, n - k, (b,), device=dev)  # t = grid[i], u = grid[i + k] <= 1
@@ -618,7 +639,7 @@ class CTM:
         return l_ctm + self.lambda_dsm * l_dsm
 
     def sample(self, net, noise, nfe):
-        """gamma-sampling (Kim et al. Algorithm 1) on 0 = tau_0 < ... < tau_nfe = 1. Exactly nfe network calls."""
+        """gamma-sampling (Kim et al.) on 0 = tau_0 < ... < tau_nfe = 1. Exactly nfe network calls."""
         self.check_nfe(nfe)
         taus = self.jump_times(nfe)
         b, x = noise.shape[0], noise

@@ -427,16 +427,17 @@ def test_cm_exactness_test_catches_an_error_in_the_target():
 
 def test_ctm_distilled_from_the_exact_teacher_learns_the_flow_map():
     """Teacher: the exact velocity. G(x, t, s) matches the exact flow map t -> s where x_t has its mass (on and
-    off the training grid), and the 1-step samples pass the KS test."""
+    off the training grid: 0.2349 and 0.6308 are grid points, 0.3, 0.5, 0.8 are not), and the 1-step samples pass
+    the KS test."""
     method = CTM()
     method.teacher = ExactVelocityNet()
-    net = fit(method, steps=2500)
+    net = fit(method, steps=1500)
     with torch.no_grad():
         for t, s in ((0.0, 1.0), (0.0, 0.5), (0.2349, 0.6308), (0.5, 1.0), (0.3, 0.8)):
             x = grid_x(t)
             g = method.G(net, x, torch.full((len(x),), t), torch.full((len(x),), s))
             err = (g - exact_flow(x, t, s)).abs().max().item()
-            assert err < 0.1, (t, s, err)
+            assert err < 0.15, (t, s, err)  # 0.03 to 0.1 at 1,500 steps, falling with more (0.03 at 5,000)
     assert ks_pvalue(method, net, 1) > 1e-3
 
 
