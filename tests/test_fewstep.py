@@ -412,6 +412,24 @@ def test_cm_trained_from_scratch_learns_the_exact_consistency_function():
         assert p > 1e-3 and err < 0.1, (nfe, p, err)
 
 
+def test_cm_distillation_target_is_the_teachers_ode_step_between_adjacent_levels():
+    """With --teacher (consistency distillation) the point at the lower level is one Heun step of the teacher's
+    ODE: with the exact velocity it is the exact flow map between the two levels up to Heun's local error, and
+    without a teacher (CT) it is x1 + sigma_lo z on the same noise. (An Euler step would miss by up to 1e-3.)"""
+    method = ConsistencyModel()
+    method.teacher = ExactVelocityNet()
+    sig = fewstep.karras_sigmas(41, 0.002, 80.0, 7.0)
+    for i in (5, 20, 35):
+        t_lo, t_hi = 1 / (1 + sig[i].item()), 1 / (1 + sig[i + 1].item())
+        x = grid_x(t_hi)
+        got = method.target_point(x, None, None, torch.full((len(x),), t_hi), torch.full((len(x),), t_lo))
+        torch.testing.assert_close(got, exact_flow(x, t_hi, t_lo), rtol=0, atol=1e-4)
+    method.teacher = None
+    x1, z = torch.randn(5, 1), torch.randn(5, 1)
+    t = torch.full((5,), 0.25)
+    torch.testing.assert_close(method.target_point(None, x1, z, t * 0, t), 0.25 * x1 + 0.75 * z)
+
+
 class CMWithDoubledTarget(ConsistencyModel):
     """A deliberate error in the target: the point at the lower level is moved twice as far along the path."""
 
