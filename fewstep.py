@@ -389,7 +389,8 @@ class ConsistencyModel:
     L = E lambda(sigma_i) d(f_theta(x_(sigma_(i+1)), sigma_(i+1)), sg f_theta(x_(sigma_i), sigma_i))   (iCT)
     CT: x_(sigma_i) = x1 + sigma_i z with the same z, i.e. x_(t_i) = t_i x1 + (1 - t_i) z in this file.
     CD (a teacher, --teacher RUN): x_(t_i) = one Heun step of the teacher's ODE from x_(t_(i+1)) (Song et al.
-    use Heun on EDM teachers); everything else as in iCT, theta^- = theta as well.
+    use Heun on EDM teachers); everything else as in iCT, theta^- = theta too (Song et al.'s CD used an EMA
+    target; we keep one choice for both modes).
 
     Training length: the curriculum needs K, but a run bounded by --minutes has no known total. K is therefore a
     fixed hyperparameter, total_steps (--cm-total-steps, default 100,000: the paper's 400,000 are at batch 1024 on
