@@ -1356,7 +1356,7 @@ def run(args, rank, world, device):
         if cfg["method"] != name:
             raise UserError(f"{out} holds a {cfg['method']} run, this command asks for {name}; use another --out "
                             f"(nothing was written)")
-        if cfg["method_args"] != method.config():
+        if cfg["method_args"] != method.config() and not args.eval_only:  # --eval-only: the run's own options
             raise UserError(f"{out} was trained with {cfg['method_args']}, this command asks for {method.config()}; "
                             f"use the original options to resume or another --out")
         for key, val in (("arch", args.arch), ("data", args.data), ("batch_size", args.batch_size)):

@@ -522,3 +522,12 @@ def test_cm_and_ctm_bad_input_is_one_line_and_writes_nothing(tmp_path, rf_teache
         assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
         assert err.startswith("fewstep.py: ") and "Traceback" not in err
     assert not x.exists()
+
+
+def test_eval_only_uses_the_runs_own_method_options(tmp_path, capsys):
+    """--eval-only needs no method options: a cm run with a non-default curriculum is evaluated as trained."""
+    fewstep.main(["--method", "cm", *TINY, "--steps", "2", "--cm-total-steps", "64", "--out", str(tmp_path),
+                  "--nfe", "1"])
+    result = fewstep.main(["--out", str(tmp_path), "--eval-only", "--nfe", "1", "2", "--num-samples", "4",
+                           "--no-fid"])
+    assert result["nfe_checked"] == {"1": 1, "2": 2}
