@@ -18,6 +18,11 @@ Methods (each a small class with `loss(net, x1)` and `sample(net, noise, nfe)`, 
             arXiv:2505.13447.
   imf       Geng, Lu, Wu, Shechtman, Kolter, He. Improved Mean Flows: On the Challenges of Fastforward Generative
             Models. CVPR 2026, arXiv:2512.02012.
+  cm        Song, Dhariwal, Chen, Sutskever. Consistency Models. ICML 2023, arXiv:2303.01469; trained from scratch
+            with Song, Dhariwal. Improved Techniques for Training Consistency Models. ICLR 2024, arXiv:2310.14189
+            (iCT), or distilled from a trained rf run (--teacher RUN_DIR, optional).
+  ctm       Kim, Lai, Liao, Murata, Takida, Uesaka, He, Mitsufuji, Ermon. Consistency Trajectory Models: Learning
+            Probability Flow ODE Trajectory of Diffusion. ICLR 2024, arXiv:2310.02279 (--teacher RUN_DIR, an rf run).
   pd        Salimans, Ho. Progressive Distillation for Fast Sampling of Diffusion Models. ICLR 2022,
             arXiv:2202.00512: halve a flow teacher's Euler steps round by round (--teacher RUN_DIR).
   ld3       Tong, Nguyen-Tang, Tran, Luong, Dinh, Nguyen, Le, Bui. Learning to Discretize Denoising Diffusion ODEs.
@@ -51,6 +56,16 @@ Equations (x0 ~ N(0, I), x1 ~ data, t ~ p(t)):
             (the paper's z_t = (1 - t') x + t' e runs backwards: t' = 1 - t, r' = 1 - s, u' = -u, v' = -v)
   imf       V_theta = u_theta(x_t, t, s) - (s - t) sg[du_theta/dt], du/dt along v_theta = u_theta(x_t, t, t)
             L = E w || V_theta - (x1 - x0) ||^2: a target free of theta; sampled as meanflow     (iMF Sec. 4.1)
+  cm, ctm   EDM's sigma (x_sigma = x1 + sigma z) is this file's x_t rescaled: sigma = (1 - t) / t, x_sigma = x_t / t.
+  cm        f(x_t, sigma) = c_skip(sigma) x_sigma + c_out(sigma) F_theta(c_in x_sigma, 1000 t), c_skip(sigma_min) = 1,
+            c_out(sigma_min) = 0: f is the identity at the smallest level, exactly               (Song et al. Sec. 3.1)
+            L = E 1/(sigma_{i+1} - sigma_i) d(f_theta(x_{sigma_{i+1}}, sigma_{i+1}), sg f_theta(x_{sigma_i}, sigma_i)),
+            x_sigma = x1 + sigma z (one z), d pseudo-Huber, i lognormal, N(k) doubling          (Song & Dhariwal Sec. 3)
+            NFE n: x = f(sigma_max z); then at t_1 < ... < t_{n-1}: x = f(t (x + sigma z'), sigma(t))  (CM Alg. 1)
+  ctm       G_theta(x_t, t, s) = x_t + (s - t) u_theta(x_t, t, s)   (Kim et al., rewritten; G(x, t, t) = x)
+            L = || G_sg(G_theta(x_t, t, s), s, 1) - G_sg(G_sg(x_u^teacher, u, s), s, 1) ||^2 + flow matching at s = t,
+            x_u^teacher: Heun steps of the teacher t -> u, t < u <= s                         (Kim et al. 2024)
+            NFE n: jumps tau_k -> tau_{k+1}, tau_k = k / n (gamma = 0)                  (Kim et al. gamma-sampling)
   pd        round with N student steps (the teacher takes 2N; a DDIM step of a flow is an Euler step), t = i/N:
             L = || v_S(x_t, t) - sg[ (v_T(x_t, t) + v_T(x', t + h)) / 2 ] ||^2,  x' = x_t + h v_T(x_t, t), h = 1/(2N)
             (one student step of 1/N lands where two teacher steps of 1/(2N) land; Salimans & Ho Alg. 2)
@@ -65,7 +80,9 @@ The interface, all a new method needs: `name`, `uses_cond` (does it feed the net
 `loss(net, x1, x0=None, ema=None)` and `sample(net, noise, nfe)`. A method that learns from a trained run adds
 `teacher_methods` (the methods it accepts with --teacher), optionally `needs_teacher`, `init_from_teacher` (start
 from the teacher's weights) and `teacher_ok(teacher_config)`; training then sets `method.teacher`, the teacher
-run's frozen EMA network, before the first loss. Optional hooks of the loop, for methods that are more than a loss:
+run's frozen EMA network, before the first loss. A loss that follows a schedule over training declares an attribute
+`training_step`; the loop sets it to the number of updates done so far before each loss (cm's curriculum).
+Optional hooks of the loop, for methods that are more than a loss:
 `on_step(step, net, ema)` before every step's loss and on resume (pd: round changes), `sampling_net(nfe, ema)` the
 network that samples at an NFE (pd: the student of that round; default the EMA), `state_dict()` /
 `load_state_dict()` the method's own state, saved as ckpt["method_state"] and restored on resume and --eval-only
@@ -83,6 +100,8 @@ Usage:
     python fewstep.py --method shortcut --data simpsons --arch challenge --steps 250000 --batch-size 128
     python fewstep.py --method pd --teacher runs/rf-mnist5k --pd-start-steps 64 --pd-round-steps 2000 --out runs/pd
     python fewstep.py --method ld3 --teacher runs/rf-mnist5k --out runs/ld3          # minutes, no network trained
+    python fewstep.py --method cm --data mnist5k --minutes 20 --cm-total-steps 10000   # iCT from scratch
+    python fewstep.py --method ctm --teacher runs/rf-mnist5k --minutes 20 --out runs/ctm  # CTM from an rf run
     torchrun --nproc_per_node=4 fewstep.py --method shortcut --arch challenge   # DistributedDataParallel
     python fewstep.py --out runs/rf-mnist5k --eval-only --nfe 1 2 4 --report     # score an existing run again
     python fewstep.py --method shortcut --net course:CHECKOUT --out runs/sc-course   # the course's U-Net (CS492(C))
@@ -527,6 +546,342 @@ class ImprovedMeanFlow(MeanFlow):
 
 
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# cm and ctm: consistency models and consistency trajectory models
+# ----------------------------------------------------------------------------------------------------------------
+# Both papers use EDM's convention x_sigma = x1 + sigma z (sigma = 0 data, sigma_max = 80 almost pure noise). On the
+# straight path of this file, x_t / t = x1 + ((1 - t) / t) x0, so x_t is t times an EDM point with
+#     sigma = (1 - t) / t,   t = 1 / (1 + sigma),   x_sigma = x_t / t = (1 + sigma) x_t.
+# That is exact (the same noise x0, the same data x1), so EDM's sigma levels, preconditioning and ODE carry over.
+def sigma_to_t(sigma):
+    return 1.0 / (1.0 + sigma)
+
+
+def t_to_sigma(t):
+    return (1.0 - t) / t
+
+
+def karras_sigmas(n, sigma_min, sigma_max, rho, device="cpu"):
+    """The n noise levels of Karras et al. 2022 (Eq. 5), ascending as in Song & Dhariwal 2024:
+    sigma_i = (sigma_min^(1/rho) + (i - 1) / (n - 1) (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho, i = 1 .. n.
+    Computed in float64 so that the two ends are sigma_min and sigma_max to the last bit."""
+    i = torch.arange(n, dtype=torch.float64, device=device) / (n - 1)
+    s = (sigma_min ** (1 / rho) + i * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho
+    s[0], s[-1] = sigma_min, sigma_max
+    return s
+
+
+def parse_jump_times(times, name, lo=0.0, hi=1.0):
+    """{NFE: (t_1 < ... < t_{NFE-1})} from {NFE: [t, ...]} (keys int or str, as JSON gives them back), each grid
+    checked: one time fewer than its NFE, strictly increasing, inside (lo, hi). Raises ValueError in one line."""
+    out = {}
+    for key, ts in dict(times or {}).items():
+        try:
+            nfe, ts = int(key), tuple(float(t) for t in ts)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}: a grid is NFE:t1,...,t_(NFE-1), got {key!r}: {ts!r}")
+        if nfe < 2 or len(ts) != nfe - 1:
+            raise ValueError(f"{name}: NFE {nfe} re-enters the path at {nfe - 1} intermediate times, got "
+                             f"{len(ts)} ({','.join(map(str, ts)) or 'none'})")
+        if any(b <= a for a, b in zip(ts, ts[1:])) or not all(lo < t < hi for t in ts):
+            raise ValueError(f"{name}: the times of NFE {nfe} must increase strictly inside ({lo:.4g}, {hi:.4g}) "
+                             f"(t = 0 noise, t = 1 data), got {','.join(map(str, ts))}")
+        out[nfe] = ts
+    return out
+
+
+class ConsistencyModel:
+    """Consistency models (Song et al. 2023), trained from scratch with the improved recipe (iCT, Song & Dhariwal
+    2024), or distilled from a trained rf run (consistency distillation, CD, Song et al. 2023).
+
+    Consistency function f_theta(x_t, t): every point of one ODE trajectory maps to the same data point. In EDM
+    terms (Song et al. Sec. 3, Appendix C; x_sigma = (1 + sigma) x_t, see the mapping above):
+        f(x_t, sigma) = c_skip(sigma) x_sigma + c_out(sigma) F_theta(c_in(sigma) x_sigma, 1000 t)
+        c_skip = sigma_d^2 / ((sigma - sigma_min)^2 + sigma_d^2),  c_out = (sigma - sigma_min) sigma_d
+                 / sqrt(sigma_d^2 + sigma^2),  c_in = 1 / sqrt(sigma^2 + sigma_d^2)
+    At sigma = sigma_min (t_max = 1 / (1 + sigma_min)), c_skip = 1 and c_out = 0 exactly, so f(x, sigma_min) =
+    x_sigma_min = (1 + sigma_min) x_t whatever the network: the boundary condition holds by construction, not by
+    training. The output is on the data scale (an image in [-1, 1] plus sigma_min noise).
+
+    iCT (Song & Dhariwal 2024, Sec. 3, the improved techniques one by one):
+      - levels sigma_1 < ... < sigma_N(k), Karras et al. with rho = 7, sigma in [0.002, 80];
+      - curriculum N(k) = min(s0 2^floor(k / K'), s1) + 1, K' = floor(K / (log2 floor(s1 / s0) + 1)),
+        s0 = 10, s1 = 1280, K the training length: the exponential discretisation curriculum;
+      - level index i drawn with p(i) proportional to erf((ln sigma_(i+1) - P_mean) / (sqrt 2 P_std)) -
+        erf((ln sigma_i - P_mean) / (sqrt 2 P_std)), P_mean = -1.1, P_std = 2.0 (lognormal levels);
+      - weight lambda(sigma_i) = 1 / (sigma_(i+1) - sigma_i);
+      - pseudo-Huber d(x, y) = sqrt(||x - y||^2 + c^2) - c, c = 0.00054 sqrt(dim) (dim = C H W);
+      - no EMA teacher: the target network is the student itself, stop-gradient, theta^- = theta;
+        student and target share the dropout masks (the same random number generator state).
+    L = E lambda(sigma_i) d(f_theta(x_(sigma_(i+1)), sigma_(i+1)), sg f_theta(x_(sigma_i), sigma_i))   (iCT)
+    CT: x_(sigma_i) = x1 + sigma_i z with the same z, i.e. x_(t_i) = t_i x1 + (1 - t_i) z in this file.
+    CD (a teacher, --teacher RUN): x_(t_i) = one Heun step of the teacher's ODE from x_(t_(i+1)) (Song et al.
+    use Heun on EDM teachers); everything else as in iCT, theta^- = theta too (Song et al.'s CD used an EMA
+    target; we keep one choice for both modes).
+
+    Training length: the curriculum needs K, but a run bounded by --minutes has no known total. K is therefore a
+    fixed hyperparameter, total_steps (--cm-total-steps, default 100,000: the paper's 400,000 are at batch 1024 on
+    CIFAR-10); after K steps N stays at s1 + 1. The training loop tells the loss the step through `self.training_step`.
+
+    Multistep sampling (Song et al. Algorithm 1): x = f(x_(sigma_max), sigma_max), then for each intermediate
+    level: x_t = t (x + sqrt(sigma^2 - sigma_min^2) z), x = f(x_t, sigma), one network call each. The noise the
+    file hands over is x at t = 0; at sigma_max it is x_(t_min) = (1 - t_min) z (t_min = 1 / 81), the same
+    x_T = sigma_max z as the paper's (the data's share t_min x1 is dropped, as the paper drops it). Intermediate
+    times: by default t = k / NFE (NFE 2: t = 1/2, sigma = 1; NFE 4: t = 1/4, 1/2, 3/4, sigma = 3, 1, 1/3), where
+    rf's Euler and shortcut's steps also evaluate, so the NFE-n rows of all methods are comparable. The papers
+    choose them by a search on FID, which `times` ({NFE: [t, ...]}, --cm-times) allows.
+    """
+
+    name = "cm"
+    uses_cond = False
+    teacher_methods = ("rf",)  # optional: consistency distillation from a trained rf run
+    needs_teacher = False
+    init_from_teacher = False  # F_theta is not a velocity: rf's weights would start it far from its target
+    summary = ("Consistency model (improved consistency training): one network f(x_t, t) maps any point of a "
+               "trajectory of the probability-flow ODE to its data end, with f equal to the identity at the "
+               "smallest noise level by construction (c_skip = 1, c_out = 0 there). It is trained from scratch by "
+               "making f agree at adjacent noise levels of the same noise draw (pseudo-Huber loss, lognormal "
+               "choice of levels, a number of levels doubling on a fixed schedule, the network itself as "
+               "stop-gradient target). NFE 1 is one call of f on noise; NFE 2 and 4 re-noise f's output to "
+               "intermediate levels and apply f again.")
+    citations = ("Song, Dhariwal, Chen, Sutskever. Consistency Models. ICML 2023, arXiv:2303.01469.",
+                 "Song, Dhariwal. Improved Techniques for Training Consistency Models. ICLR 2024, "
+                 "arXiv:2310.14189.")
+
+    def __init__(self, sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, rho=7.0, s0=10, s1=1280,
+                 total_steps=100_000, p_mean=-1.1, p_std=2.0, huber_c=None, times=None):
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        if not isinstance(s0, int) or not isinstance(s1, int) or not 2 <= s0 <= s1:
+            raise ValueError(f"the curriculum needs integers 2 <= s0 <= s1 (the paper: 10, 1280), got {s0}, {s1}")
+        stages = int(math.log2(s1 // s0)) + 1
+        if not isinstance(total_steps, int) or total_steps < stages:
+            raise ValueError(f"total_steps {total_steps!r} is shorter than the curriculum's {stages} stages "
+                             f"(s0 = {s0} doubling to s1 = {s1}); give at least {stages} (--cm-total-steps)")
+        self.sigma_min, self.sigma_max, self.sigma_data, self.rho = sigma_min, sigma_max, sigma_data, rho
+        self.s0, self.s1, self.total_steps, self.p_mean, self.p_std = s0, s1, total_steps, p_mean, p_std
+        self.huber_c = huber_c
+        self.t_min, self.t_max = sigma_to_t(sigma_max), sigma_to_t(sigma_min)
+        self.times = parse_jump_times(times, "--cm-times", self.t_min, self.t_max)
+        self.teacher = None  # set by the training loop for consistency distillation
+        self.training_step = 0  # set by the training loop before each loss: the curriculum's k
+
+    def config(self):
+        return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "sigma_data": self.sigma_data,
+                "rho": self.rho, "s0": self.s0, "s1": self.s1, "total_steps": self.total_steps,
+                "p_mean": self.p_mean, "p_std": self.p_std, "huber_c": self.huber_c,
+                "times": {str(n): list(ts) for n, ts in sorted(self.times.items())}}
+
+    def check_nfe(self, nfe):
+        if not isinstance(nfe, int) or nfe < 1:
+            raise UnsupportedNFE(f"NFE must be an integer >= 1, got {nfe!r}")
+
+    def jump_times(self, nfe):
+        """The nfe - 1 intermediate times t_1 < ... (given, or k / nfe)."""
+        return self.times.get(nfe, tuple(k / nfe for k in range(1, nfe)))
+
+    def num_scales(self, k):
+        """N(k) = min(s0 2^floor(k / K'), s1) + 1 (iCT's exponential curriculum)."""
+        k_prime = self.total_steps // (int(math.log2(self.s1 // self.s0)) + 1)
+        return min(self.s0 * 2 ** (k // k_prime), self.s1) + 1
+
+    def consistency_fn(self, net, x_t, sigma):
+        """f_theta(x_t, sigma) for sigma: (B,) float64 or float; x_t in this file's scale. Returns data scale."""
+        sd, smin = self.sigma_data, self.sigma_min
+        c_skip = sd ** 2 / ((sigma - smin) ** 2 + sd ** 2)  # exactly 1 at sigma_min
+        c_out = (sigma - smin) * sd / torch.sqrt(sd ** 2 + sigma ** 2)  # exactly 0 at sigma_min
+        c_in = 1 / torch.sqrt(sigma ** 2 + sd ** 2)
+        x_sigma = expand_t((1 + sigma).to(x_t.dtype), x_t) * x_t  # x_sigma = x_t / t
+        t = sigma_to_t(sigma).to(x_t.dtype)
+        F_theta = net(expand_t(c_in.to(x_t.dtype), x_t) * x_sigma, TIME_SCALE * t)
+        return expand_t(c_skip.to(x_t.dtype), x_t) * x_sigma + expand_t(c_out.to(x_t.dtype), x_t) * F_theta
+
+    def target_point(self, x_hi, x1, z, t_hi, t_lo):
+        """x at the lower level t_lo (nearer the data) on the trajectory through x_hi at t_hi: CT takes the same
+        noise z (x_(t_lo) = t_lo x1 + (1 - t_lo) z), CD one Heun step of the teacher's ODE dx/dt = v(x, t)."""
+        if self.teacher is None:
+            return expand_t(t_lo, x1) * x1 + (1 - expand_t(t_lo, x1)) * z
+        h = expand_t(t_lo - t_hi, x_hi)
+        v_hi = self.teacher(x_hi, TIME_SCALE * t_hi)
+        x_euler = x_hi + h * v_hi
+        return x_hi + h * (v_hi + self.teacher(x_euler, TIME_SCALE * t_lo)) / 2  # Heun (trapezoid in t)
+
+    def loss(self, net, x1, x0=None, ema=None):
+        """x1: (B, C, H, W) data; x0: the noise z (default fresh N(0, I)). ema is not used: theta^- = theta."""
+        z = torch.randn_like(x1) if x0 is None else x0
+        b, dev = x1.shape[0], x1.device
+        sigmas = karras_sigmas(self.num_scales(self.training_step), self.sigma_min, self.sigma_max, self.rho, dev)
+        # Lognormal choice of the pair (sigma_i, sigma_(i+1)) (iCT's noise schedule).
+        cdf = torch.erf((torch.log(sigmas) - self.p_mean) / (math.sqrt(2) * self.p_std))
+        i = torch.multinomial((cdf[1:] - cdf[:-1]).float(), b, replacement=True)
+        sigma_lo, sigma_hi = sigmas[i], sigmas[i + 1]
+        t_lo, t_hi = sigma_to_t(sigma_lo).to(x1.dtype), sigma_to_t(sigma_hi).to(x1.dtype)
+        x_hi = expand_t(t_hi, x1) * x1 + (1 - expand_t(t_hi, x1)) * z  # x_(sigma_(i+1)) = x1 + sigma_(i+1) z
+        with torch.no_grad():
+            x_lo = self.target_point(x_hi, x1, z, t_hi, t_lo)
+            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):  # same dropout masks below
+                target = self.consistency_fn(net, x_lo, sigma_lo)  # sg(f_theta): no EMA (iCT)
+        pred = self.consistency_fn(net, x_hi, sigma_hi)
+        c = self.huber_c if self.huber_c is not None else 0.00054 * math.sqrt(x1[0].numel())  # iCT
+        d = torch.sqrt(((pred.float() - target.float()) ** 2).flatten(1).sum(1) + c ** 2) - c  # pseudo-Huber
+        return (d / (sigma_hi - sigma_lo).float()).mean()  # lambda = 1 / (sigma_(i+1) - sigma_i)
+
+    def sample(self, net, noise, nfe):
+        """Multistep consistency sampling (Song et al. Algorithm 1) at sigma_max, then at the intermediate times.
+        Exactly nfe network calls."""
+        self.check_nfe(nfe)
+        b = noise.shape[0]
+        sigma = torch.full((b,), self.sigma_max, dtype=torch.float64, device=noise.device)
+        x = self.consistency_fn(net, (1 - self.t_min) * noise, sigma)  # x_T = sigma_max z, rescaled by t_min
+        for t in self.jump_times(nfe):
+            s = torch.full((b,), t_to_sigma(t), dtype=torch.float64, device=noise.device)
+            noise_std = math.sqrt(t_to_sigma(t) ** 2 - self.sigma_min ** 2)
+            x_t = t * (x + noise_std * torch.randn_like(x))  # x_sigma = x + sqrt(sigma^2 - sigma_min^2) z, times t
+            x = self.consistency_fn(net, x_t, s)
+        return x
+
+
+class CTM:
+    """Consistency trajectory models (Kim et al. 2024): G_theta(x_t, t, s) jumps from time t to any later time
+    s >= t (nearer the data) of the teacher's ODE trajectory through x_t; s enters through the network's second
+    scalar (1000 s). CTM generalises both the ODE (s -> t: the velocity) and consistency models (s = 1).
+
+    Parametrisation. Kim et al. write, in EDM's sigma, G(x_t, t, s) = (s/t) x_t + (1 - s/t) g_theta(x_t,
+    t, s) with g a denoiser. Rewritten in this file's convention with the straight path (x_t = (1 - t) eps + t D,
+    so x_s = ((1 - s) / (1 - t)) x_t + ((s - t) / (1 - t)) D), and with g written the way the rf teacher predicts
+    its denoiser, D = x_t + (1 - t) v:
+        G_theta(x_t, t, s) = x_t + (s - t) u_theta(x_t, t, s),   u_theta = net(x_t, 1000 t, cond=1000 s)
+    so G(x, t, t) = x exactly, u(x, t, t) is the velocity (g(x, t, t) = x_t + (1 - t) u(x, t, t) the denoiser of
+    the DSM term), and a student initialised from the teacher (zero-initialised cond_embed) starts as u = v: one
+    Euler step of the teacher for every (t, s). t = 0 (pure noise) is allowed, so sampling starts from the noise.
+
+    Losses (Kim et al. and the defaults of the authors' code, sony/ctm):
+      soft consistency matching: t < u <= s on a grid t_0 = 0 < ... < t_(N-1) = 1 (the Karras levels of EDM,
+        rho = 7, sigma in [0.002, 80], mapped by t = 1 / (1 + sigma), ends moved to 0 and 1; N = 18 as for
+        CIFAR-10); u = t + k grid steps with k ~ U{1 .. heun_steps} once per batch, s uniform on the grid in
+        [u, 1]; x_u = k Heun steps of the teacher from x_t;
+        L_CTM = || G_sg(G_theta(x_t, t, s), s, 1) - G_sg(G_sg(theta)(x_u, u, s), s, 1) ||^2
+        Both sides are carried to the data (s -> 1) by the EMA net theta^- (the target network), the gradient
+        flowing through its input only; the inner target G(x_u, u, s) is the student's own net, stop-gradient
+        (the authors' defaults). Distance: L2 (the paper: LPIPS, whose weights are not available offline).
+      DSM: g_theta(x_t, t, t) = x_t + (1 - t) u_theta(x_t, t, t) must denoise; ||x1 - g||^2 = (1 - t)^2
+        ||(x1 - x0) - u(x_t, t, t)||^2; EDM's weight (sigma^2 + sigma_d^2) / (sigma sigma_d)^2 times (1 - t)^2 is
+        (1 - t)^2 / sigma_d^2 + t^2 (4 at t = 0 to 1 at t = 1 for sigma_d = 0.5); we use 1, i.e. rf's flow
+        matching on u(x_t, t, t) at uniform t, times lambda_dsm (the authors' code balances the two terms by
+        their gradient norms at the last layer; fixed here).
+      GAN: off, and not implemented. The paper's discriminator sits on frozen pretrained feature networks (the
+        projected discriminator of StyleGAN-XL); their weights cannot be downloaded here, and a discriminator
+        trained from scratch would be a different method with its own tuning.
+    Sampling, gamma-sampling (Kim et al.): grid 0 = tau_0 < ... < tau_n = 1 (default tau_k = k / n); from
+    tau_k jump to the time of sigma' = sqrt(1 - gamma^2) sigma(tau_(k+1)), then add noise back up to
+    sigma(tau_(k+1)): x_sigma += gamma sigma(tau_(k+1)) z. gamma = 0 (default): deterministic jumps along the
+    trajectory; gamma = 1: jump to the data and re-noise, CM's multistep sampler. One network call per jump.
+    """
+
+    name = "ctm"
+    uses_cond = True  # s through the network's second scalar
+    teacher_methods = ("rf",)
+    needs_teacher = True
+    init_from_teacher = True  # Kim et al. initialise the student with the teacher's weights
+    summary = ("Consistency trajectory model: one network G(x_t, t, s) = x_t + (s - t) u(x_t, t, s) jumps from "
+               "any time t of the probability-flow ODE to any later time s; distilled from a trained rectified "
+               "flow (the teacher, whose weights it starts from) by soft consistency matching (a jump t -> s "
+               "must land where the teacher's Heun solution t -> u followed by the student's own jump u -> s "
+               "lands, both compared after a jump to the data by the EMA network) plus flow matching at s = t. "
+               "NFE n makes n jumps along a time grid (gamma-sampling with gamma = 0: deterministic).")
+    citations = ("Kim, Lai, Liao, Murata, Takida, Uesaka, He, Mitsufuji, Ermon. Consistency Trajectory Models: "
+                 "Learning Probability Flow ODE Trajectory of Diffusion. ICLR 2024, arXiv:2310.02279.",)
+
+    def __init__(self, num_scales=18, heun_steps=17, sigma_min=0.002, sigma_max=80.0, rho=7.0, lambda_dsm=1.0,
+                 gamma=0.0, times=None):
+        if not isinstance(num_scales, int) or num_scales < 2:
+            raise ValueError(f"num_scales must be an integer >= 2 (the paper: 18), got {num_scales!r}")
+        if not isinstance(heun_steps, int) or not 1 <= heun_steps <= num_scales - 1:
+            raise ValueError(f"heun_steps must be in 1 .. num_scales - 1 = {num_scales - 1} (a teacher solve "
+                             f"stays on the grid), got {heun_steps!r}")
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1] (0: deterministic, 1: CM's sampler), got {gamma}")
+        self.num_scales, self.heun_steps, self.rho = num_scales, heun_steps, rho
+        self.sigma_min, self.sigma_max, self.lambda_dsm, self.gamma = sigma_min, sigma_max, lambda_dsm, gamma
+        self.times = parse_jump_times(times, "--ctm-times")
+        grid = sigma_to_t(karras_sigmas(num_scales, sigma_min, sigma_max, rho).flip(0))  # ascending t
+        grid[0], grid[-1] = 0.0, 1.0  # noise and data ends of this file
+        self.grid = grid
+        self.teacher = None
+
+    def config(self):
+        return {"num_scales": self.num_scales, "heun_steps": self.heun_steps, "sigma_min": self.sigma_min,
+                "sigma_max": self.sigma_max, "rho": self.rho, "lambda_dsm": self.lambda_dsm, "gamma": self.gamma,
+                "times": {str(n): list(ts) for n, ts in sorted(self.times.items())}}
+
+    def check_nfe(self, nfe):
+        if not isinstance(nfe, int) or nfe < 1:
+            raise UnsupportedNFE(f"NFE must be an integer >= 1, got {nfe!r}")
+
+    def jump_times(self, nfe):
+        """0 = tau_0 < tau_1 < ... < tau_nfe = 1."""
+        return (0.0, *self.times.get(nfe, tuple(k / nfe for k in range(1, nfe))), 1.0)
+
+    def G(self, net, x, t, s):
+        """G_theta(x_t, t, s) = x_t + (s - t) u_theta(x_t, t, s) for t, s: (B,)."""
+        return x + expand_t(s - t, x) * net(x, TIME_SCALE * t, cond=TIME_SCALE * s)
+
+    def teacher_solve(self, x, i, k):
+        """k Heun steps of the teacher's ODE dx/dt = v(x, t) along the grid, from grid index i (a (B,) tensor)."""
+        grid = self.grid.to(x.device, x.dtype)
+        for j in range(k):
+            ta, tb = grid[i + j], grid[i + j + 1]
+            h = expand_t(tb - ta, x)
+            v_a = self.teacher(x, TIME_SCALE * ta)
+            x_euler = x + h * v_a
+            x = x + h * (v_a + self.teacher(x_euler, TIME_SCALE * tb)) / 2
+        return x
+
+    def loss(self, net, x1, x0=None, ema=None):
+        if self.teacher is None:
+            raise ValueError("ctm learns from a teacher: set method.teacher (--teacher RUN_DIR, an rf run)")
+        x0 = torch.randn_like(x1) if x0 is None else x0
+        b, dev, n = x1.shape[0], x1.device, self.num_scales
+        # theta^-: the training loop's EMA (Kim et al. use decay 0.999: --ema-decay 0.999). Without one, the online
+        # net, whose outer jump then also passes gradient to the weights.
+        target_net = ema if ema is not None else net
+        grid = self.grid.to(dev, x1.dtype)
+        k = int(torch.randint(1, self.heun_steps + 1, ()))  # teacher steps t -> u, one k per batch
+        i = torch.randint(0, n - k, (b,), device=dev)  # t = grid[i], u = grid[i + k] <= 1
+        j = i + k + (torch.rand(b, device=dev) * (n - i - k)).long()  # s uniform on the grid indices in [u, 1]
+        t, u, s = grid[i], grid[i + k], grid[j]
+        ones = torch.ones_like(s)
+        x_t = (1 - expand_t(t, x1)) * x0 + expand_t(t, x1) * x1
+        with torch.no_grad():
+            x_u = self.teacher_solve(x_t, i, k)
+            target = self.G(target_net, self.G(net, x_u, u, s), s, ones)  # G_sg(G_sg(theta)(x_u, u, s), s, 1)
+        # DSM as flow matching at s = t, on a fresh (t, x0), in the same forward pass as the CTM estimate.
+        t_fm = torch.rand(b, device=dev)
+        x0_fm = torch.randn_like(x1)
+        x_fm = (1 - expand_t(t_fm, x1)) * x0_fm + expand_t(t_fm, x1) * x1
+        u_all = net(torch.cat([x_t, x_fm]), TIME_SCALE * torch.cat([t, t_fm]), cond=TIME_SCALE * torch.cat([s, t_fm]))
+        estimate = x_t + expand_t(s - t, x_t) * u_all[:b]  # G_theta(x_t, t, s)
+        estimate = self.G(target_net, estimate, s, ones)  # carried to the data by theta^-, grad through the input
+        l_ctm = F.mse_loss(estimate.float(), target.float())
+        l_dsm = F.mse_loss(u_all[b:].float(), (x1 - x0_fm).float())
+        return l_ctm + self.lambda_dsm * l_dsm
+
+    def sample(self, net, noise, nfe):
+        """gamma-sampling (Kim et al.) on 0 = tau_0 < ... < tau_nfe = 1. Exactly nfe network calls."""
+        self.check_nfe(nfe)
+        taus = self.jump_times(nfe)
+        b, x = noise.shape[0], noise
+        for tau_a, tau_b in zip(taus[:-1], taus[1:]):
+            # sigma' = sqrt(1 - gamma^2) sigma(tau_b) as a time: t' = tau_b / (tau_b + sqrt(1 - gamma^2) (1 - tau_b))
+            c = math.sqrt(1 - self.gamma ** 2)
+            t_jump = tau_b / (tau_b + c * (1 - tau_b))
+            x = self.G(net, x, torch.full((b,), tau_a, device=x.device), torch.full((b,), t_jump, device=x.device))
+            if self.gamma > 0 and tau_b < 1:  # noise back up to sigma(tau_b): x_sigma += gamma sigma(tau_b) z
+                x = tau_b * (x / t_jump + self.gamma * t_to_sigma(tau_b) * torch.randn_like(x))
+        return x
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # pd: progressive distillation
 # ----------------------------------------------------------------------------------------------------------------
@@ -870,7 +1225,7 @@ class LD3Optimizer:
 
 
 METHODS = {"rf": RectifiedFlow, "reflow": Reflow, "shortcut": Shortcut, "meanflow": MeanFlow,
-           "imf": ImprovedMeanFlow, "pd": ProgressiveDistillation, "ld3": LD3}
+           "imf": ImprovedMeanFlow, "cm": ConsistencyModel, "ctm": CTM, "pd": ProgressiveDistillation, "ld3": LD3}
 
 
 # ================================================================================================================
@@ -1180,6 +1535,8 @@ def train(args, cfg, method, state, rank, world, device):
         batch = batches(step)
         if cfg.get("channels_last"):  # NHWC inputs for the NHWC network (CUDA)
             batch = tuple(b.contiguous(memory_format=torch.channels_last) for b in batch)
+        if hasattr(method, "training_step"):  # a loss with a schedule over training (cm's curriculum)
+            method.training_step = step
         with autocast(cfg, device):
             loss = method.loss(model, *batch, ema=ema)
         loss_all = all_mean(loss.detach().float(), world)
@@ -1853,7 +2210,8 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", "--fid", dest="num_samples", type=positive_int, default=1000,
                    help="samples per NFE, written and scored (--fid N as in the other scripts)")
     p.add_argument("--eval-batch-size", type=positive_int, default=250)
-    p.add_argument("--teacher", default=None, help="RUN_DIR of a trained rf run (reflow, pd, ld3)")
+    p.add_argument("--teacher", default=None,
+                   help="RUN_DIR of a trained rf run (reflow, pd, ld3, ctm; optional for cm)")
     p.add_argument("--out", default=None, help="run directory (default runs/<method>-<data>)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--seed", type=int, default=0)
@@ -1896,6 +2254,19 @@ def parse_args(argv=None):
     g.add_argument("--ld3-slack", type=float, default=1e-3, help="ld3: slack radius r = S * C*H*W / n^2, 0 = off")
     g.add_argument("--ld3-shift-first", action="store_true",
                    help="ld3: learn the first network time too (the authors pin it at t = 0; NFE 1 then learns it)")
+    # cm and ctm (consistency models, consistency trajectory models)
+    g.add_argument("--cm-total-steps", type=positive_int, default=100_000,
+                   help="cm: K, the length of the discretisation curriculum (fixed: --minutes runs have no total)")
+    g.add_argument("--cm-s0", type=positive_int, default=10, help="cm: initial discretisation steps s0")
+    g.add_argument("--cm-s1", type=positive_int, default=1280, help="cm: final discretisation steps s1")
+    g.add_argument("--cm-times", nargs="+", default=None, metavar="NFE:T1,...",
+                   help="cm: intermediate times of multistep sampling, e.g. 2:0.5 4:0.25,0.5,0.75 (default k/NFE)")
+    g.add_argument("--ctm-scales", type=positive_int, default=18, help="ctm: N, points of the time grid")
+    g.add_argument("--ctm-heun-steps", type=positive_int, default=17, help="ctm: at most this many teacher steps")
+    g.add_argument("--ctm-lambda-dsm", type=float, default=1.0, help="ctm: weight of the DSM (flow matching) term")
+    g.add_argument("--ctm-gamma", type=float, default=0.0, help="ctm: gamma of gamma-sampling (0 deterministic)")
+    g.add_argument("--ctm-times", nargs="+", default=None, metavar="NFE:T1,...",
+                   help="ctm: intermediate times of gamma-sampling, e.g. 2:0.5 (default k/NFE)")
     g = p.add_argument_group("CS492(C) challenge: the course's U-Net and the submission folder")
     g.add_argument("--net", default=None, help="unet (unet.py, preset --arch; the default) or course:PATH (class UNet "
                                                "of PATH/src/network.py, your checkout of the course's base code)")
@@ -1926,7 +2297,27 @@ def method_kwargs(name, args):
         return {"nfes": list(args.ld3_nfe), "num_pairs": args.num_pairs or 50, "batch_size": args.ld3_batch,
                 "epochs": args.ld3_epochs, "teacher_steps": args.teacher_steps, "slack": args.ld3_slack,
                 "shift_first": args.ld3_shift_first}
+    if name == "cm":
+        return {"total_steps": args.cm_total_steps, "s0": args.cm_s0, "s1": args.cm_s1,
+                "times": times_arg(args.cm_times, "--cm-times")}
+    if name == "ctm":
+        return {"num_scales": args.ctm_scales, "heun_steps": args.ctm_heun_steps, "lambda_dsm": args.ctm_lambda_dsm,
+                "gamma": args.ctm_gamma, "times": times_arg(args.ctm_times, "--ctm-times")}
     return {}
+
+
+def times_arg(specs, option):
+    """["2:0.5", "4:0.25,0.5,0.75"] -> {"2": [0.5], "4": [0.25, 0.5, 0.75]} (checked by the method)."""
+    out = {}
+    for spec in specs or ():
+        nfe, _, ts = spec.partition(":")
+        try:
+            out[str(int(nfe))] = [float(t) for t in ts.split(",")]
+        except ValueError:
+            raise UserError(f"{option} {spec}: expected NFE:T1,...,T(NFE-1), e.g. 4:0.25,0.5,0.75")
+        if not ts:
+            raise UserError(f"{option} {spec}: expected NFE:T1,...,T(NFE-1), e.g. 4:0.25,0.5,0.75")
+    return out
 
 
 def new_config(args, method, device, log):
@@ -2039,7 +2430,7 @@ def run(args, rank, world, device):
         if cfg["method"] != name:
             raise UserError(f"{out} holds a {cfg['method']} run, this command asks for {name}; use another --out "
                             f"(nothing was written)")
-        if cfg["method_args"] != method.config():
+        if cfg["method_args"] != method.config() and not args.eval_only:  # --eval-only: the run's own options
             raise UserError(f"{out} was trained with {cfg['method_args']}, this command asks for {method.config()}; "
                             f"use the original options to resume or another --out")
         for key, val in (("arch", args.arch), ("data", args.data), ("batch_size", args.batch_size)):

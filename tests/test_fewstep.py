@@ -26,7 +26,7 @@ import torch.nn as nn
 
 import data
 import fewstep
-from fewstep import Reflow, RectifiedFlow, Shortcut
+from fewstep import CTM, ConsistencyModel, Reflow, RectifiedFlow, Shortcut
 
 M, S = 1.5, 0.5  # target N(M, S^2)
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -84,7 +84,9 @@ def fit(method, steps=1500, batch=512, pairs=None, seed=0):
     ema.load_state_dict(net.state_dict())
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in range(steps):
+    for k in range(steps):
+        if hasattr(method, "training_step"):  # as the training loop does (cm's curriculum)
+            method.training_step = k
         if pairs is None:
             batch_args = (M + S * torch.randn(batch, 1),)
         else:
@@ -265,7 +267,8 @@ def rf_teacher(tmp_path_factory):
 
 @pytest.mark.parametrize("name", [n for n in fewstep.METHODS if n not in ("pd", "ld3")])  # tests/test_fewstep_pd_ld3.py
 def test_each_method_trains_with_falling_loss_and_writes_its_samples(name, tmp_path, rf_teacher):
-    extra = ["--teacher", str(rf_teacher), "--num-pairs", "64", "--teacher-steps", "4"] if name == "reflow" else []
+    extra = {"reflow": ["--teacher", str(rf_teacher), "--num-pairs", "64", "--teacher-steps", "4"],
+             "ctm": ["--teacher", str(rf_teacher), "--ctm-scales", "6", "--ctm-heun-steps", "2"]}.get(name, [])
     result = fewstep.main(["--method", name, *TINY, "--steps", "40", "--out", str(tmp_path), *extra])
     loss = losses(tmp_path)
     assert len(loss) == 40 and np.mean(loss[:10]) > np.mean(loss[-10:]), loss
@@ -585,3 +588,183 @@ def test_course_net_and_export_refuse_bad_input_in_one_line(course_run, tmp_path
     fewstep.main(["--out", str(out), "--export-submission", str(other), "--force"])  # replaces theirs
     assert "METHOD_CLASS = Shortcut" in (other / "custom_model.py").read_text()
     fewstep.main(["--out", str(out), "--export-submission", str(other)])  # the same run again: no --force needed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cm and ctm: consistency models and consistency trajectory models
+# ---------------------------------------------------------------------------------------------------------------
+def exact_consistency_fn(x, t, t_end):
+    """The exact consistency function of the Gaussian data: the flow map t -> t_end (the boundary time), read in
+    EDM's scale x_sigma = x_t / t_end (the test's own closed form, see the module docstring)."""
+    return exact_flow(x, t, t_end) / t_end
+
+
+def test_cm_boundary_condition_holds_exactly_at_the_smallest_noise_level():
+    """f(x, sigma_min) = x_sigma_min = (1 + sigma_min) x_t to the last bit, for any network (two random U-Nets),
+    because c_skip = 1 and c_out = 0 there; one level up the network matters."""
+    import unet
+    method = ConsistencyModel()
+    x = torch.randn(3, 1, 28, 28)
+    sigma = torch.full((3,), 0.002, dtype=torch.float64)
+    t_max = 1 / 1.002  # sigma = (1 - t) / t
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = unet.create("tiny").eval()
+        with torch.no_grad():
+            f = method.consistency_fn(net, x, sigma)
+            f_up = method.consistency_fn(net, x, sigma * 1.5)
+        assert torch.equal(f, x * torch.tensor(1.002, dtype=torch.float32))
+        torch.testing.assert_close(f.double(), x.double() / t_max, rtol=1e-6, atol=0)
+        assert not torch.allclose(f_up, x / t_max, atol=1e-3)
+
+
+def test_cm_curriculum_and_levels_follow_the_paper():
+    """N(k) = min(s0 2^floor(k / K'), s1) + 1 with K' = floor(K / 8) for s0, s1 = 10, 1280 (iCT Eq. 8), and the
+    Karras levels (rho = 7) from 0.002 to 80, computed here from the formula."""
+    method = ConsistencyModel(total_steps=8000)
+    assert [method.num_scales(k) for k in (0, 999, 1000, 2000, 6999, 7000, 10 ** 6)] == [11, 11, 21, 41, 641,
+                                                                                          1281, 1281]
+    s = fewstep.karras_sigmas(11, 0.002, 80.0, 7.0)
+    ref = [(0.002 ** (1 / 7) + i / 10 * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7 for i in range(11)]
+    np.testing.assert_allclose(s.numpy(), ref, rtol=1e-12)
+
+
+def cm_ks_and_error(method, net, nfe):
+    with torch.no_grad():
+        err = 0.0
+        for t in (0.2, 0.5, 0.8):
+            x = grid_x(t)
+            f = method.consistency_fn(net, x, torch.full((len(x),), (1 - t) / t, dtype=torch.float64))
+            err = max(err, (f - exact_consistency_fn(x, t, method.t_max)).abs().max().item())
+    return ks_pvalue(method, net, nfe), err
+
+
+def test_cm_trained_from_scratch_learns_the_exact_consistency_function():
+    """iCT from scratch (curriculum over the 1,500 steps): f matches the exact flow map to the data end where x_t
+    has its mass, and its 1-, 2- and 4-step samples pass the KS test."""
+    method = ConsistencyModel(total_steps=1500)
+    net = fit(method, steps=1500)
+    for nfe in (1, 2, 4):
+        p, err = cm_ks_and_error(method, net, nfe)
+        assert p > 1e-3 and err < 0.1, (nfe, p, err)
+
+
+def test_cm_distillation_target_is_the_teachers_ode_step_between_adjacent_levels():
+    """With --teacher (consistency distillation) the point at the lower level is one Heun step of the teacher's
+    ODE: with the exact velocity it is the exact flow map between the two levels up to Heun's local error, and
+    without a teacher (CT) it is x1 + sigma_lo z on the same noise. (An Euler step would miss by up to 1e-3.)"""
+    method = ConsistencyModel()
+    method.teacher = ExactVelocityNet()
+    sig = fewstep.karras_sigmas(41, 0.002, 80.0, 7.0)
+    for i in (5, 20, 35):
+        t_lo, t_hi = 1 / (1 + sig[i].item()), 1 / (1 + sig[i + 1].item())
+        x = grid_x(t_hi)
+        got = method.target_point(x, None, None, torch.full((len(x),), t_hi), torch.full((len(x),), t_lo))
+        torch.testing.assert_close(got, exact_flow(x, t_hi, t_lo), rtol=0, atol=1e-4)
+    method.teacher = None
+    x1, z = torch.randn(5, 1), torch.randn(5, 1)
+    t = torch.full((5,), 0.25)
+    torch.testing.assert_close(method.target_point(None, x1, z, t * 0, t), 0.25 * x1 + 0.75 * z)
+
+
+class CMWithDoubledTarget(ConsistencyModel):
+    """A deliberate error in the target: the point at the lower level is moved twice as far along the path."""
+
+    def target_point(self, x_hi, x1, z, t_hi, t_lo):
+        return x_hi + 2 * (super().target_point(x_hi, x1, z, t_hi, t_lo) - x_hi)
+
+
+def test_cm_exactness_test_catches_an_error_in_the_target():
+    method = CMWithDoubledTarget(total_steps=1000)
+    net = fit(method, steps=1000)
+    assert ks_pvalue(method, net, 1) < 1e-3
+
+
+def test_ctm_distilled_from_the_exact_teacher_learns_the_flow_map():
+    """Teacher: the exact velocity. G(x, t, s) matches the exact flow map t -> s where x_t has its mass (on and
+    off the training grid: 0.2349 and 0.6308 are grid points, 0.3, 0.5, 0.8 are not), and the 1-step samples pass
+    the KS test."""
+    method = CTM()
+    method.teacher = ExactVelocityNet()
+    net = fit(method, steps=1500)
+    with torch.no_grad():
+        for t, s in ((0.0, 1.0), (0.0, 0.5), (0.2349, 0.6308), (0.5, 1.0), (0.3, 0.8)):
+            x = grid_x(t)
+            g = method.G(net, x, torch.full((len(x),), t), torch.full((len(x),), s))
+            err = (g - exact_flow(x, t, s)).abs().max().item()
+            assert err < 0.15, (t, s, err)  # 0.03 to 0.1 at 1,500 steps, falling with more (0.03 at 5,000)
+    assert ks_pvalue(method, net, 1) > 1e-3
+
+
+class CTMWithDoubledTeacherStep(CTM):
+    """A deliberate error in the target: the teacher's solution t -> u moved twice as far from x_t."""
+
+    def teacher_solve(self, x, i, k):
+        return x + 2 * (super().teacher_solve(x, i, k) - x)
+
+
+def test_ctm_exactness_test_catches_an_error_in_the_target():
+    method = CTMWithDoubledTeacherStep()
+    method.teacher = ExactVelocityNet()
+    net = fit(method, steps=1000)
+    assert ks_pvalue(method, net, 1) < 1e-3
+
+
+def test_ctm_jump_is_the_identity_at_s_equal_t_and_gamma_one_is_cm_sampling():
+    """G(x, t, t) = x exactly for any net; with gamma = 1 each step jumps to the data and re-noises on this file's
+    path: x_tau = tau x_hat + (1 - tau) z (checked with a net whose jumps we know: u = 1 - x)."""
+    import unet
+    net = unet.create("tiny", extra_cond=True).eval()
+    x = torch.randn(2, 1, 28, 28)
+    t = torch.full((2,), 0.3)
+    with torch.no_grad():
+        assert torch.equal(CTM().G(net, x, t, t), x)
+
+    class Known(nn.Module):
+        def forward(self, x, t, cond=None):
+            return 1 - x  # G(x, t, 1) = x + (1 - t)(1 - x)
+
+    noise = torch.randn(1000, 1, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(5)
+    got = CTM(gamma=1.0).sample(Known(), noise, 2)
+    torch.manual_seed(5)
+    z = torch.randn_like(noise)
+    x_half = 0.5 * (noise + 1 * (1 - noise)) + 0.5 * z  # jump 0 -> 1, back to tau = 1/2
+    torch.testing.assert_close(got, x_half + 0.5 * (1 - x_half))
+
+
+def test_cm_and_ctm_bad_input_is_one_line_and_writes_nothing(tmp_path, rf_teacher, capsys):
+    """A teacher of the wrong kind, a curriculum or time grid that does not fit: one line, status 2, no files."""
+    cm_run = tmp_path / "cm"
+    fewstep.main(["--method", "cm", *TINY, "--steps", "2", "--out", str(cm_run), "--nfe", "1"])
+    capsys.readouterr()
+    x = tmp_path / "x"
+    cases = [
+        (["--method", "ctm", "--teacher", str(cm_run)], "is a cm run; ctm learns from a rf run"),
+        (["--method", "cm", "--teacher", str(cm_run)], "is a cm run; cm learns from a rf run"),
+        (["--method", "ctm"], "ctm needs --teacher RUN_DIR"),
+        (["--method", "cm", "--cm-total-steps", "5"], "shorter than the curriculum's 8 stages"),
+        (["--method", "cm", "--cm-s0", "100", "--cm-s1", "10"], "the curriculum needs integers 2 <= s0 <= s1"),
+        (["--method", "cm", "--cm-times", "4:0.5"], "NFE 4 re-enters the path at 3 intermediate times, got 1"),
+        (["--method", "cm", "--cm-times", "2:0.999"], "must increase strictly inside (0.01235, 0.998)"),
+        (["--method", "ctm", "--teacher", str(rf_teacher), "--ctm-times", "3:0.6,0.3"], "must increase strictly"),
+        (["--method", "ctm", "--teacher", str(rf_teacher), "--ctm-times", "2-0.5"], "expected NFE:T1"),
+        (["--method", "ctm", "--teacher", str(rf_teacher), "--ctm-heun-steps", "18"], "heun_steps must be in 1 .."),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as e:
+            fewstep.main([*args, *TINY, "--steps", "2", "--out", str(x)])
+            pytest.fail(f"no error for {args}")
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
+        assert err.startswith("fewstep.py: ") and "Traceback" not in err
+    assert not x.exists()
+
+
+def test_eval_only_uses_the_runs_own_method_options(tmp_path, capsys):
+    """--eval-only needs no method options: a cm run with a non-default curriculum is evaluated as trained."""
+    fewstep.main(["--method", "cm", *TINY, "--steps", "2", "--cm-total-steps", "64", "--out", str(tmp_path),
+                  "--nfe", "1"])
+    result = fewstep.main(["--out", str(tmp_path), "--eval-only", "--nfe", "1", "2", "--num-samples", "4",
+                           "--no-fid"])
+    assert result["nfe_checked"] == {"1": 1, "2": 2}
