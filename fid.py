@@ -60,7 +60,14 @@ import data  # our data.py: datasets for reference statistics, downloads, UsageE
 
 DIMS = 2048           # pool3 feature size
 SIZE = 299            # network input resolution
-DEFAULT_BATCH_SIZE = 50
+DEFAULT_BATCH_SIZE = None  # None: default_batch_size(device)
+
+
+def default_batch_size(device):
+    """Images per Inception forward: 8 on a CPU, 100 on a GPU. On the CPU small batches are faster per image (the
+    activations of a few 299x299 images stay in cache): measured on 2 cores with torch 2.13, 46 ms per image at
+    batch 4 to 8, 48 at 16, 54 at 32, 57 at 50 to 100, 61 at 1 (/tmp experiment, forward only)."""
+    return 8 if torch.device(device).type == "cpu" else 100
 IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
 MODES = ("clean", "legacy")
 
@@ -473,6 +480,7 @@ def extract_features(items, mode="clean", batch_size=DEFAULT_BATCH_SIZE, device=
     if isinstance(items, (np.ndarray, torch.Tensor)):
         items = list(_check_images(items))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    batch_size = batch_size or default_batch_size(device)
     net = load_inception(weights, device)
     feats = []
     starts = range(0, len(items), batch_size)
@@ -740,7 +748,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="FID between two image folders / .npz statistics files.")
     p.add_argument("paths", nargs="+", help="DIR_OR_NPZ [DIR_OR_NPZ]")
     p.add_argument("--mode", choices=MODES, default="clean", help="clean = clean-fid (default), legacy = pytorch-fid")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="images per Inception forward (default: 8 on a CPU, 100 on a GPU)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--weights", default=None, help="local Inception weights (.pt TorchScript or pytorch-fid .pth)")
     p.add_argument("--save-stats", metavar="OUT.npz", help="save mu/sigma of the first path to OUT.npz")
@@ -748,7 +757,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if len(args.paths) > 2 or (len(args.paths) == 1 and not args.save_stats):
         p.error("give two paths to compare, or one path with --save-stats OUT.npz")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     device = None if args.device == "auto" else args.device
     if device == "cuda" and not torch.cuda.is_available():

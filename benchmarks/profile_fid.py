@@ -63,7 +63,7 @@ def seconds(fn):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=200, help="images per folder")
-    p.add_argument("--batch-size", type=int, default=fid.DEFAULT_BATCH_SIZE)
+    p.add_argument("--batch-size", type=int, default=fid.default_batch_size("cpu"))
     p.add_argument("--net-images", type=int, default=50, help="images timed through the network per setting")
     args = p.parse_args()
     threads = torch.get_num_threads()
