@@ -88,7 +88,7 @@ network that samples at an NFE (pd: the student of that round; default the EMA),
 `load_state_dict()` the method's own state, saved as ckpt["method_state"] and restored on resume and --eval-only
 (pd: one student per round; ld3: time grids, pairs, noises), `make_optimizer(net)` an optimiser of the method's
 own parameters that replaces the network's AdamW and its warmup (ld3: the network stays the teacher's), and
-`total_steps()` the default --steps (pd: rounds x iterations per round; ld3: its epochs). --export-submission
+`default_steps()` the default --steps (pd: rounds x iterations per round; ld3: its epochs). --export-submission
 (the CS492(C) submission) copies the class, its bases and the module-level code they use into a standalone
 custom_model.py, so sample() may rely on the network, the method's config() and torch / numpy / the standard
 library only (checked when exporting).
@@ -938,7 +938,7 @@ class ProgressiveDistillation(RectifiedFlow):
     def config(self):
         return {"start_steps": self.start_steps, "end_steps": self.end_steps, "round_steps": self.round_steps}
 
-    def total_steps(self):
+    def default_steps(self):
         return len(self.rounds) * self.round_steps
 
     def check_nfe(self, nfe):
@@ -1084,7 +1084,7 @@ class LD3:
     def steps_per_epoch(self):
         return math.ceil(self.num_pairs / self.batch_size)
 
-    def total_steps(self):
+    def default_steps(self):
         return self.epochs * self.steps_per_epoch()
 
     def check_nfe(self, nfe):
@@ -2365,8 +2365,8 @@ def new_config(args, method, device, log):
         if args.arch is None or args.minutes == CPU_MINUTES:
             log(f"no GPU: preset {arch}, " + (f"{args.minutes:g} minutes" if args.minutes else f"{steps} steps")
                 + ("; pass --minutes to change" if net else "; pass --arch/--minutes to change"))
-    if args.steps is None and hasattr(method, "total_steps"):  # pd: rounds x iterations per round; ld3: its epochs
-        steps = method.total_steps()
+    if args.steps is None and hasattr(method, "default_steps"):  # pd: rounds x iterations per round; ld3: epochs
+        steps = method.default_steps()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if batch % world:
         raise UserError(f"--batch-size {batch} is not divisible by the {world} processes; use a multiple of {world}")

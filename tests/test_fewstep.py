@@ -768,3 +768,10 @@ def test_eval_only_uses_the_runs_own_method_options(tmp_path, capsys):
     result = fewstep.main(["--out", str(tmp_path), "--eval-only", "--nfe", "1", "2", "--num-samples", "4",
                            "--no-fid"])
     assert result["nfe_checked"] == {"1": 1, "2": 2}
+
+
+def test_a_new_run_without_steps_starts_for_a_method_with_a_total_steps_hyperparameter(tmp_path):
+    """cm's curriculum length is a hyperparameter named total_steps; the loop's default-steps hook is another name
+    (default_steps(), pd and ld3), so a new cm run bounded by --minutes alone starts (it raised TypeError once)."""
+    fewstep.main(["--method", "cm", *TINY, "--minutes", "0.02", "--out", str(tmp_path), "--nfe", "1"])
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] >= 1

@@ -102,7 +102,7 @@ def fit_pd(method, batch=512, lr=1e-2, seed=0):
     ema = GaussNet().requires_grad_(False)
     ema.load_state_dict(net.state_dict())
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    for step in range(method.total_steps()):
+    for step in range(method.default_steps()):
         method.on_step(step, net, ema)
         loss = method.loss(net, M + S * torch.randn(batch, 1), ema=ema)
         opt.zero_grad()
@@ -177,7 +177,7 @@ def optimise_ld3(method, teacher, shape=(1,)):
     method.teacher = teacher
     opt = method.make_optimizer(GaussNet())
     trace = []
-    for step in range(method.total_steps()):
+    for step in range(method.default_steps()):
         method.on_step(step, None, None)
         loss = method.loss(None, torch.zeros(2, *shape))
         opt.zero_grad()
