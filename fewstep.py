@@ -473,10 +473,12 @@ class MeanFlow:
         rp = torch.where(torch.rand(b, device=device) < 1 - self.ratio, tp, rp)  # r' = t' for 1 - ratio of them
         return 1 - tp, 1 - rp  # t = 1 - t' (nearer the noise), s = 1 - r'
 
-    def adaptive_loss(self, err):
-        """err: (B,) squared errors summed over pixels -> mean of sg(w) err, w = 1 / (err + c)^p (Sec. 4.3)."""
+    def adaptive_loss(self, delta):
+        """delta: (B, C, H, W) prediction - target -> mean of sg(w) err, err = ||delta||^2 summed over pixels,
+        w = 1 / (err + c)^p (Sec. 4.3)."""
+        err = delta.pow(2).flatten(1).sum(1)
         w = 1.0 / (err.detach() + self.adaptive_c) ** self.adaptive_p
-        self.last_metrics = {"mse": err.detach().mean().item() / self._pixels}  # unweighted, per pixel, for logs
+        self.last_metrics = {"mse": delta.detach().pow(2).mean().item()}  # unweighted, per pixel, for logs
         return (w * err).mean()
 
     def loss(self, net, x1, x0=None, ema=None):
@@ -486,8 +488,7 @@ class MeanFlow:
         v = x1 - x0  # conditional velocity dx_t/dt
         u, dudt = self.total_derivative(net, xt, t, s, v)
         u_tgt = (v + expand_t(s - t, v) * dudt.float()).detach()  # MeanFlow identity (Eq. 6), sg[.] (Eq. 9)
-        self._pixels = x1[0].numel()
-        return self.adaptive_loss((u.float() - u_tgt).pow(2).flatten(1).sum(1))
+        return self.adaptive_loss(u.float() - u_tgt)
 
     def sample(self, net, noise, nfe):
         """n = nfe jumps on t_k = k / n: x_{k+1} = x_k + (t_{k+1} - t_k) u(x_k, t_k, t_{k+1}). Exactly n calls."""
@@ -533,8 +534,7 @@ class ImprovedMeanFlow(MeanFlow):
         t, s = self.sample_times(x1.shape[0], x1.device)
         xt = (1 - expand_t(t, x1)) * x0 + expand_t(t, x1) * x1
         V = self.compound_velocity(net, xt, t, s)
-        self._pixels = x1[0].numel()
-        return self.adaptive_loss((V - (x1 - x0)).pow(2).flatten(1).sum(1))  # a target free of theta
+        return self.adaptive_loss(V - (x1 - x0))  # a target free of theta
 
     def compound_velocity(self, net, xt, t, s):
         """V_theta(x_t, t, s) = u_theta(x_t, t, s) - (s - t) sg[du_theta/dt], du/dt along v_theta = u(x_t, t, t).
@@ -1446,7 +1446,7 @@ def train(args, cfg, method, state, rank, world, device):
     # Data: images, or reflow's (x1, x0) pairs generated once from the teacher.
     _, images = load_images(cfg["data"], True, cfg["unet"]["image_size"], cfg["unet"]["in_channels"], log=log)
     if isinstance(method, Reflow):
-        tensors = reflow_pairs(out, method, teacher_state, cfg, len(images) if args.num_pairs is None
+        tensors = reflow_pairs(out, method, cfg, len(images) if args.num_pairs is None
                                else args.num_pairs, rank, world, device)
     else:
         tensors = (images,)
@@ -1591,13 +1591,12 @@ def init_from(net, teacher_sd):
     that its teacher lacks keeps its own cond_embed, whose last layer is zero-initialised, so it starts as the
     teacher's exact function."""
     own = net.state_dict()
-    if any(k.startswith("cond_embed") for k in own) and not any(k.startswith("cond_embed") for k in teacher_sd):
-        teacher_sd = dict(teacher_sd, **{k: v for k, v in own.items() if k.startswith("cond_embed")})
-    # The course's U-Net fuses [time, condition] embeddings through an MLP that is not zero-initialised: such a
-    # student keeps its own random condition_embedding / condition_fusion and does not start as the teacher.
-    cond_keys = ("network.condition_embedding.", "network.condition_fusion.")
-    if any(k.startswith(cond_keys) for k in own) and not any(k.startswith(cond_keys) for k in teacher_sd):
-        teacher_sd = dict(teacher_sd, **{k: v for k, v in own.items() if k.startswith(cond_keys)})
+    # unet.py's cond_embed; the course's U-Net fuses [time, condition] embeddings through an MLP that is not
+    # zero-initialised: such a student keeps its own random condition_embedding / condition_fusion and does not
+    # start as the teacher.
+    for cond_keys in (("cond_embed",), ("network.condition_embedding.", "network.condition_fusion.")):
+        if any(k.startswith(cond_keys) for k in own) and not any(k.startswith(cond_keys) for k in teacher_sd):
+            teacher_sd = dict(teacher_sd, **{k: v for k, v in own.items() if k.startswith(cond_keys)})
     unet.load_state_dict_checked(net, teacher_sd)
 
 
@@ -1614,14 +1613,14 @@ def _saved_step(out):
     return data.load_checkpoint(p)["step"] if p.exists() else "none yet"
 
 
-def reflow_pairs(out, method, teacher_state, cfg, num_pairs, rank, world, device):
-    """(x1, x0) pairs from the teacher, generated in chunks into RUN/pairs/ (each written atomically, so an
-    interrupted generation resumes at the first missing chunk) by rank 0; the other ranks wait and read them."""
+def reflow_pairs(out, method, cfg, num_pairs, rank, world, device):
+    """(x1, x0) pairs from the teacher (method.teacher, set by train()), generated in chunks into RUN/pairs/ (each
+    written atomically, so an interrupted generation resumes at the first missing chunk) by rank 0; the other ranks
+    wait and read them."""
     folder, chunk = out / "pairs", 500
     starts = range(0, num_pairs, chunk)
     if rank == 0:
-        teacher = ema_net(teacher_state)
-        teacher = teacher.to(device)
+        teacher = method.teacher
         todo = [s for s in starts if not (folder / f"{s // chunk:05d}.pt").exists()]
         shape = (cfg["unet"]["in_channels"], cfg["unet"]["image_size"], cfg["unet"]["image_size"])
         for s in tqdm(todo, desc=f"reflow pairs ({method.teacher_steps} teacher steps)", disable=not todo):
