@@ -316,6 +316,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert (tmp_path / "ckpt.pt").read_bytes() != before
 
 
+def assert_refused(args, message, capsys):
+    """fewstep.main(args) in-process ends as a user error: SystemExit(2) and one stderr line `fewstep.py: ...` that
+    contains message (main prints data.UsageError's message, no traceback)."""
+    with pytest.raises(SystemExit) as e:
+        fewstep.main(args)
+        pytest.fail(f"no error for {args}")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert err.startswith("fewstep.py: ") and "Traceback" not in err, err
+
+
 def run_cli(*args, env=None):
     return subprocess.run([sys.executable, str(ROOT / "fewstep.py"), *args], capture_output=True, text=True,
                           cwd=ROOT, env={**os.environ, **(env or {})}, timeout=300)
@@ -555,12 +566,7 @@ class ShortcutOneStepOnly(Shortcut):
 def test_course_net_and_export_refuse_bad_input_in_one_line(course_run, tmp_path, rf_teacher, monkeypatch, capsys):
     """main() in-process: SystemExit(2) and one stderr line (main prints data.UsageError's message, no traceback)."""
     root, out = course_run
-
-    def refused(args, message):
-        with pytest.raises(SystemExit) as e:
-            fewstep.main(args)
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    refused = lambda args, message: assert_refused(args, message, capsys)  # noqa: E731
 
     refused(["--method", "rf", "--net", f"course:{tmp_path / 'no-checkout'}", "--out", str(tmp_path / "x")],
             "there is no src/network.py")
@@ -752,12 +758,7 @@ def test_cm_and_ctm_bad_input_is_one_line_and_writes_nothing(tmp_path, rf_teache
         (["--method", "ctm", "--teacher", str(rf_teacher), "--ctm-heun-steps", "18"], "heun_steps must be in 1 .."),
     ]
     for args, message in cases:
-        with pytest.raises(SystemExit) as e:
-            fewstep.main([*args, *TINY, "--steps", "2", "--out", str(x)])
-            pytest.fail(f"no error for {args}")
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
-        assert err.startswith("fewstep.py: ") and "Traceback" not in err
+        assert_refused([*args, *TINY, "--steps", "2", "--out", str(x)], message, capsys)
     assert not x.exists()
 
 

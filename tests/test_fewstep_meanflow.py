@@ -18,7 +18,7 @@ import torch.nn as nn
 import fewstep
 import unet
 from fewstep import ImprovedMeanFlow, MeanFlow, expand_t
-from test_fewstep import TINY, exact_flow, exact_velocity, fit, grid_x, ks_pvalue, losses
+from test_fewstep import TINY, assert_refused, exact_flow, exact_velocity, fit, grid_x, ks_pvalue, losses
 from test_fewstep import one_thread  # noqa: F401  (autouse fixture: small MLPs on one thread)
 
 # The closed-form nets here and test_fewstep's GaussNet read their times as 1000 t, the rest of fewstep.py's scale;
@@ -172,10 +172,9 @@ def test_compile_is_a_clear_fallback_said_once(tmp_path, capsys):
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
 
 
-def test_bad_hyperparameters_are_user_errors(tmp_path):
+def test_bad_hyperparameters_are_user_errors(tmp_path, capsys):
     for args, message in ((["--ratio", "1.5"], "ratio"), (["--time-std", "0"], "time_std"),
                           (["--adaptive-c", "0"], "adaptive weighting")):
-        with pytest.raises(SystemExit) as e:
-            fewstep.main(["--method", "imf", *TINY, "--steps", "1", "--out", str(tmp_path / "x"), *args])
-        assert e.value.code == 2
+        assert_refused(["--method", "imf", *TINY, "--steps", "1", "--out", str(tmp_path / "x"), *args], message,
+                       capsys)
     assert not (tmp_path / "x").exists()
