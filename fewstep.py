@@ -22,7 +22,10 @@ Methods (each a small class with `loss(net, x1)` and `sample(net, noise, nfe)`, 
             with Song, Dhariwal. Improved Techniques for Training Consistency Models. ICLR 2024, arXiv:2310.14189
             (iCT), or distilled from a trained rf run (--teacher RUN_DIR, optional).
   ctm       Kim, Lai, Liao, Murata, Takida, Uesaka, He, Mitsufuji, Ermon. Consistency Trajectory Models: Learning
-            Probability Flow ODE Trajectory of Diffusion. ICLR 2024, arXiv:2310.02279 (--teacher RUN_DIR, an rf run).
+            Probability Flow ODE Trajectory of Diffusion. ICLR 2024, arXiv:2310.02279 (--teacher RUN_DIR, an rf run);
+            its optional GAN term weighted as in Esser, Rombach, Ommer. Taming Transformers for High-Resolution
+            Image Synthesis. CVPR 2021, arXiv:2012.09841 (adaptive weight), critic with spectral norm (Miyato,
+            Kataoka, Koyama, Yoshida. Spectral Normalization for GANs. ICLR 2018, arXiv:1802.05957).
   pd        Salimans, Ho. Progressive Distillation for Fast Sampling of Diffusion Models. ICLR 2022,
             arXiv:2202.00512: halve a flow teacher's Euler steps round by round (--teacher RUN_DIR).
   ld3       Tong, Nguyen-Tang, Tran, Luong, Dinh, Nguyen, Le, Bui. Learning to Discretize Denoising Diffusion ODEs.
@@ -65,6 +68,7 @@ Equations (x0 ~ N(0, I), x1 ~ data, t ~ p(t)):
   ctm       G_theta(x_t, t, s) = x_t + (s - t) u_theta(x_t, t, s)   (Kim et al., rewritten; G(x, t, t) = x)
             L = || G_sg(G_theta(x_t, t, s), s, 1) - G_sg(G_sg(x_u^teacher, u, s), s, 1) ||^2 + flow matching at s = t,
             x_u^teacher: Heun steps of the teacher t -> u, t < u <= s                         (Kim et al. 2024)
+            optional: + w lambda softplus(-d(x_est)), lambda = |grad_W L_CTM| / |grad_W L_GAN|   (Kim et al. Eq. 8)
             NFE n: jumps tau_k -> tau_{k+1}, tau_k = k / n (gamma = 0)                  (Kim et al. gamma-sampling)
   pd        round with N student steps (the teacher takes 2N; a DDIM step of a flow is an Euler step), t = i/N:
             L = || v_S(x_t, t) - sg[ (v_T(x_t, t) + v_T(x', t + h)) / 2 ] ||^2,  x' = x_t + h v_T(x_t, t), h = 1/(2N)
@@ -86,7 +90,8 @@ Optional hooks of the loop, for methods that are more than a loss:
 `on_step(step, net, ema)` before every step's loss and on resume (pd: round changes), `sampling_net(nfe, ema)` the
 network that samples at an NFE (pd: the student of that round; default the EMA), `state_dict()` /
 `load_state_dict()` the method's own state, saved as ckpt["method_state"] and restored on resume and --eval-only
-(pd: one student per round; ld3: time grids, pairs, noises), `make_optimizer(net)` an optimiser of the method's
+(pd: one student per round; ld3: time grids, pairs, noises; ctm: its GAN critic and the critic's optimiser, which
+sampling does not need: `state_for_sampling = False`), `make_optimizer(net)` an optimiser of the method's
 own parameters that replaces the network's AdamW and its warmup (ld3: the network stays the teacher's), and
 `default_steps()` the default --steps (pd: rounds x iterations per round; ld3: its epochs). --export-submission
 (the CS492(C) submission) copies the class, its bases and the module-level code they use into a standalone
@@ -770,9 +775,19 @@ class CTM:
         (1 - t)^2 / sigma_d^2 + t^2 (4 at t = 0 to 1 at t = 1 for sigma_d = 0.5); we use 1, i.e. rf's flow
         matching on u(x_t, t, t) at uniform t, times lambda_dsm (the authors' code balances the two terms by
         their gradient norms at the last layer; fixed here).
-      GAN: off, and not implemented. The paper's discriminator sits on frozen pretrained feature networks (the
-        projected discriminator of StyleGAN-XL); their weights cannot be downloaded here, and a discriminator
-        trained from scratch would be a different method with its own tuning.
+      GAN (optional, off by default: gan_weight = 0, --ctm-gan-weight): Kim et al.'s Eq. (8) with the
+        non-saturating loss on the CTM estimate carried to the data, x_est = G_sg(G_theta(x_t, t, s), s, 1):
+            discriminator d_eta: minimise softplus(-d(x1)) + softplus(d(sg[x_est]))  (one Adam step per batch)
+            student:             L += gan_weight * lambda_adapt * softplus(-d(x_est))
+        lambda_adapt = ||grad_W L_CTM|| / (||grad_W L_GAN|| + 1e-4), clamped to [0, 1e4], is the adaptive weight
+        of Esser et al. (VQGAN, CVPR 2021) that CTM uses, W the network's last weight (its output conv); from
+        step gan_start on (Kim et al. add the GAN term to a CTM trained without it). Why off by default: the
+        paper's discriminator is StyleGAN-XL's projected one, on frozen ImageNet feature networks (EfficientNet,
+        DeiT) whose weights cannot be downloaded here. The one pretrained network this project has offline is
+        fid.py's Inception, and a discriminator on its features would train the model against the metric that
+        scores it. So the option trains a small patch discriminator from scratch on pixels (PatchDiscriminator:
+        spectral-normalised convolutions, logits averaged over patches), a weaker critic with its own tuning.
+        Single process only (each rank would train its own discriminator).
     Sampling, gamma-sampling (Kim et al.): grid 0 = tau_0 < ... < tau_n = 1 (default tau_k = k / n); from
     tau_k jump to the time of sigma' = sqrt(1 - gamma^2) sigma(tau_(k+1)), then add noise back up to
     sigma(tau_(k+1)): x_sigma += gamma sigma(tau_(k+1)) z. gamma = 0 (default): deterministic jumps along the
@@ -794,7 +809,7 @@ class CTM:
                  "Learning Probability Flow ODE Trajectory of Diffusion. ICLR 2024, arXiv:2310.02279.",)
 
     def __init__(self, num_scales=18, heun_steps=17, sigma_min=0.002, sigma_max=80.0, rho=7.0, lambda_dsm=1.0,
-                 gamma=0.0, times=None):
+                 gamma=0.0, times=None, gan_weight=0.0, gan_start=0, gan_lr=2e-4):
         if not isinstance(num_scales, int) or num_scales < 2:
             raise ValueError(f"num_scales must be an integer >= 2 (the paper: 18), got {num_scales!r}")
         if not isinstance(heun_steps, int) or not 1 <= heun_steps <= num_scales - 1:
@@ -809,11 +824,72 @@ class CTM:
         grid[0], grid[-1] = 0.0, 1.0  # noise and data ends of this file
         self.grid = grid
         self.teacher = None
+        if not gan_weight >= 0:
+            raise ValueError(f"gan_weight must be >= 0 (0: no GAN term, the default), got {gan_weight}")
+        if not isinstance(gan_start, int) or gan_start < 0:
+            raise ValueError(f"gan_start must be an integer >= 0 (the step the GAN term starts), got {gan_start!r}")
+        if not gan_lr > 0:
+            raise ValueError(f"gan_lr must be > 0 (the discriminator's Adam learning rate), got {gan_lr}")
+        self.gan_weight, self.gan_start, self.gan_lr = float(gan_weight), gan_start, float(gan_lr)
+        self.training_step = 0  # set by the training loop: the GAN term starts at gan_start
+        self.disc = self.disc_opt = None  # built at the first GAN step, on the data's device
+        self.disc_pending = {}  # a checkpoint's discriminator state, loaded when the discriminator is built
+        self.last_metrics = {}
 
     def config(self):
         return {"num_scales": self.num_scales, "heun_steps": self.heun_steps, "sigma_min": self.sigma_min,
                 "sigma_max": self.sigma_max, "rho": self.rho, "lambda_dsm": self.lambda_dsm, "gamma": self.gamma,
-                "times": {str(n): list(ts) for n, ts in sorted(self.times.items())}}
+                "times": {str(n): list(ts) for n, ts in sorted(self.times.items())},
+                "gan_weight": self.gan_weight, "gan_start": self.gan_start, "gan_lr": self.gan_lr}
+
+    # The discriminator is training state only: sampling needs the network alone (the export may carry ctm).
+    state_for_sampling = False
+
+    def state_dict(self):
+        if self.disc is None:
+            return dict(self.disc_pending)
+        return {"disc": self.disc.state_dict(), "disc_opt": self.disc_opt.state_dict(),
+                "disc_channels": self.disc.channels}
+
+    def load_state_dict(self, state):
+        self.disc, self.disc_opt, self.disc_pending = None, None, dict(state)
+
+    def discriminator(self, x):
+        """The discriminator and its optimizer, built on x's device at the first GAN step (with a checkpoint's
+        state if there is one)."""
+        if self.disc is None:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                raise ValueError("ctm's GAN term runs in one process only (each rank would train a discriminator "
+                                 "of its own): run without torchrun, or with --ctm-gan-weight 0")
+            channels = self.disc_pending.get("disc_channels", x.shape[1])
+            with torch.random.fork_rng(devices=[]):  # its initial weights must not move the training RNG stream,
+                torch.manual_seed(0)  # or a run resumed after the GAN start would differ from an uninterrupted one
+                self.disc = PatchDiscriminator(channels).to(x.device)
+            self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=self.gan_lr, betas=(0.5, 0.999))
+            if "disc" in self.disc_pending:
+                self.disc.load_state_dict(self.disc_pending["disc"])
+                self.disc_opt.load_state_dict(self.disc_pending["disc_opt"])
+            self.disc_pending = {}
+        return self.disc
+
+    def discriminator_step(self, real, fake):
+        """One Adam step of the discriminator on real vs (detached) fake images; returns its loss."""
+        disc = self.discriminator(real).requires_grad_(True)
+        loss = F.softplus(-disc(real.float())).mean() + F.softplus(disc(fake.detach().float())).mean()
+        self.disc_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.disc_opt.step()
+        return loss.detach()
+
+    @staticmethod
+    def adaptive_weight(net, loss_rec, loss_gan, delta=1e-4):
+        """Esser et al.'s lambda = ||grad_W loss_rec|| / (||grad_W loss_gan|| + delta), W the network's last
+        weight (the last registered parameter with more than one dimension: unet.py's output conv), clamped to
+        [0, 1e4], without gradient."""
+        w = [p for p in getattr(net, "module", net).parameters() if p.requires_grad and p.dim() > 1][-1]
+        g_rec = torch.autograd.grad(loss_rec, w, retain_graph=True)[0]
+        g_gan = torch.autograd.grad(loss_gan, w, retain_graph=True)[0]
+        return (g_rec.norm() / (g_gan.norm() + delta)).clamp(0.0, 1e4).detach()
 
     def check_nfe(self, nfe):
         if not isinstance(nfe, int) or nfe < 1:
@@ -865,7 +941,15 @@ class CTM:
         estimate = self.G(target_net, estimate, s, ones)  # carried to the data by theta^-, grad through the input
         l_ctm = F.mse_loss(estimate.float(), target.float())
         l_dsm = F.mse_loss(u_all[b:].float(), (x1 - x0_fm).float())
-        return l_ctm + self.lambda_dsm * l_dsm
+        loss = l_ctm + self.lambda_dsm * l_dsm
+        if self.gan_weight > 0 and self.training_step >= self.gan_start:
+            d_loss = self.discriminator_step(x1, estimate)  # first the critic, on sg[x_est] ...
+            disc = self.disc.requires_grad_(False)  # ... then the student, through the critic's input only
+            l_gan = F.softplus(-disc(estimate.float())).mean()
+            lam = self.adaptive_weight(net, l_ctm, l_gan)
+            loss = loss + self.gan_weight * lam * l_gan
+            self.last_metrics = {"d_loss": d_loss.item(), "g_loss": l_gan.item(), "gan_lambda": lam.item()}
+        return loss
 
     def sample(self, net, noise, nfe):
         """gamma-sampling (Kim et al.) on 0 = tau_0 < ... < tau_nfe = 1. Exactly nfe network calls."""
@@ -880,6 +964,25 @@ class CTM:
             if self.gamma > 0 and tau_b < 1:  # noise back up to sigma(tau_b): x_sigma += gamma sigma(tau_b) z
                 x = tau_b * (x / t_jump + self.gamma * t_to_sigma(tau_b) * torch.randn_like(x))
         return x
+
+
+class PatchDiscriminator(torch.nn.Module):
+    """ctm's optional critic, trained from scratch: three stride-2 4x4 convolutions (64, 128, 256 channels,
+    LeakyReLU 0.2) and a 3x3 convolution to one logit per patch, averaged to one logit per image; spectral norm on
+    every convolution (Miyato et al. 2018) keeps it Lipschitz, the usual way to keep a small GAN stable."""
+
+    def __init__(self, channels, width=64):
+        super().__init__()
+        nn, sn = torch.nn, torch.nn.utils.parametrizations.spectral_norm
+        self.channels = channels
+        self.layers = nn.Sequential(
+            sn(nn.Conv2d(channels, width, 4, 2, 1)), nn.LeakyReLU(0.2),
+            sn(nn.Conv2d(width, 2 * width, 4, 2, 1)), nn.LeakyReLU(0.2),
+            sn(nn.Conv2d(2 * width, 4 * width, 4, 2, 1)), nn.LeakyReLU(0.2),
+            sn(nn.Conv2d(4 * width, 1, 3, 1, 1)))
+
+    def forward(self, x):
+        return self.layers(x).flatten(1).mean(1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1443,11 +1546,14 @@ def train(args, cfg, method, state, rank, world, device):
         teacher_net = ema_net(teacher_state)
         method.teacher = teacher_net.to(device).eval().requires_grad_(False)
 
-    # Data: images, or reflow's (x1, x0) pairs generated once from the teacher.
+    # Data: images, or reflow's (x1, x0) pairs generated once from the teacher. Generating the pairs is part of
+    # reflow's training cost (it is most of it at short budgets), so their seconds count as training time and the
+    # --minutes of this invocation start before them.
+    t_invocation, pair_seconds = time.time(), 0.0
     _, images = load_images(cfg["data"], True, cfg["unet"]["image_size"], cfg["unet"]["in_channels"], log=log)
     if isinstance(method, Reflow):
-        tensors = reflow_pairs(out, method, cfg, len(images) if args.num_pairs is None
-                               else args.num_pairs, rank, world, device)
+        *tensors, pair_seconds = reflow_pairs(out, method, cfg, len(images) if args.num_pairs is None
+                                              else args.num_pairs, rank, world, device)
     else:
         tensors = (images,)
     batches = Batches(tensors, cfg["batch_size"], cfg["seed"], rank, world, device)
@@ -1458,7 +1564,7 @@ def train(args, cfg, method, state, rank, world, device):
     opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     if hasattr(method, "make_optimizer"):  # ld3: the method's own parameters instead of the network's
         opt = method.make_optimizer(net)
-    step, train_seconds = 0, 0.0
+    step, train_seconds = 0, pair_seconds  # a resumed run's saved seconds include its pairs already
     if state is not None:
         unet.load_state_dict_checked(net, state["model"])
         unet.load_state_dict_checked(ema, state["ema"])
@@ -1519,8 +1625,8 @@ def train(args, cfg, method, state, rank, world, device):
         if step == 0:
             grid()  # the untrained net: the first frame of the write-up's "samples from early training"
     early = {100, 200, 500, 1000}
-    t_start, last_save = time.time(), time.time()
-    deadline = t_start + 60 * args.minutes if args.minutes else math.inf
+    last_save = time.time()
+    deadline = t_invocation + 60 * args.minutes if args.minutes else math.inf
     net.train()
     bar = tqdm(total=cfg["steps"] if cfg["steps"] < 10 ** 9 else None, initial=step,  # None: bounded by minutes
                desc=f"train {cfg['method']}", dynamic_ncols=True, disable=not main_proc)
@@ -1580,24 +1686,25 @@ def train(args, cfg, method, state, rank, world, device):
         save()
         if step not in early and step % args.sample_every:
             grid()
-        data.plot_metrics(out, keys=("loss", "mse"))  # mse: the unweighted error of adaptively weighted losses
-        log(f"stopped at step {step} ({(time.time() - t_start) / 60:.1f} min this run, {train_seconds / 60:.1f} min "
-            f"of training steps in all); {out / 'ckpt.pt'}, {out / 'loss.png'}")
+        if (out / "metrics.jsonl").exists():  # none when the budget ended before the first step (reflow's pairs)
+            data.plot_metrics(out, keys=("loss", "mse"))  # mse: the unweighted error of adaptively weighted losses
+        log(f"stopped at step {step} ({(time.time() - t_invocation) / 60:.1f} min this run, {train_seconds / 60:.1f} "
+            f"min of training in all{', reflow pairs included' if pair_seconds else ''}); {out / 'ckpt.pt'}, "
+            f"{out / 'loss.png'}")
     return step, ema
 
 
 def init_from(net, teacher_sd):
     """Load a teacher's weights into a student of the same preset. A student with a second scalar (extra_cond)
-    that its teacher lacks keeps its own cond_embed, whose last layer is zero-initialised, so it starts as the
-    teacher's exact function."""
+    that its teacher lacks keeps its own condition layers: unet.py's cond_embed, whose last layer is
+    zero-initialised, so the student starts as the teacher's exact function; the course's U-Net's condition layers
+    (condition_embedding / condition_fusion in its network.py), which are not zero-initialised, so such a student
+    starts near, not at, the teacher. Any other difference is an error (load_state_dict_checked lists it)."""
     own = net.state_dict()
-    # unet.py's cond_embed; the course's U-Net fuses [time, condition] embeddings through an MLP that is not
-    # zero-initialised: such a student keeps its own random condition_embedding / condition_fusion and does not
-    # start as the teacher.
-    for cond_keys in (("cond_embed",), ("network.condition_embedding.", "network.condition_fusion.")):
-        if any(k.startswith(cond_keys) for k in own) and not any(k.startswith(cond_keys) for k in teacher_sd):
-            teacher_sd = dict(teacher_sd, **{k: v for k, v in own.items() if k.startswith(cond_keys)})
-    unet.load_state_dict_checked(net, teacher_sd)
+    # Only keys the teacher lacks and whose name says "cond" are taken from the student: a teacher of another
+    # preset still fails on its shape-mismatched or unexpected keys.
+    kept = {k: v for k, v in own.items() if k not in teacher_sd and "cond" in k.rsplit(".", 1)[0]}
+    unet.load_state_dict_checked(net, dict(teacher_sd, **kept))
 
 
 def _supports(method, nfe):
@@ -1614,9 +1721,9 @@ def _saved_step(out):
 
 
 def reflow_pairs(out, method, cfg, num_pairs, rank, world, device):
-    """(x1, x0) pairs from the teacher (method.teacher, set by train()), generated in chunks into RUN/pairs/ (each
-    written atomically, so an interrupted generation resumes at the first missing chunk) by rank 0; the other ranks
-    wait and read them."""
+    """(x1, x0, seconds): pairs from the teacher (method.teacher, set by train()), generated in chunks into
+    RUN/pairs/ (each written atomically, so an interrupted generation resumes at the first missing chunk) by rank 0;
+    the other ranks wait and read them. seconds: what generating all chunks took (each chunk keeps its own)."""
     folder, chunk = out / "pairs", 500
     starts = range(0, num_pairs, chunk)
     if rank == 0:
@@ -1624,16 +1731,17 @@ def reflow_pairs(out, method, cfg, num_pairs, rank, world, device):
         todo = [s for s in starts if not (folder / f"{s // chunk:05d}.pt").exists()]
         shape = (cfg["unet"]["in_channels"], cfg["unet"]["image_size"], cfg["unet"]["image_size"])
         for s in tqdm(todo, desc=f"reflow pairs ({method.teacher_steps} teacher steps)", disable=not todo):
-            n = min(chunk, num_pairs - s)
+            n, t0 = min(chunk, num_pairs - s), time.time()
             x0 = torch.randn((n, *shape), generator=torch.Generator().manual_seed(cfg["seed"] * 100_003 + s))
             with torch.no_grad(), autocast(cfg, device):
                 x1 = method.make_pairs(teacher, x0.to(device)).float().cpu()
-            data.save_checkpoint(folder / f"{s // chunk:05d}.pt", {"x0": x0, "x1": x1})
+            data.save_checkpoint(folder / f"{s // chunk:05d}.pt", {"x0": x0, "x1": x1, "seconds": time.time() - t0})
     if world > 1:
         import torch.distributed as dist
         dist.barrier()
     parts = [torch.load(folder / f"{s // chunk:05d}.pt", weights_only=True) for s in starts]
-    return torch.cat([p["x1"] for p in parts]), torch.cat([p["x0"] for p in parts])
+    seconds = sum(float(p.get("seconds", 0.0)) for p in parts)
+    return torch.cat([p["x1"] for p in parts]), torch.cat([p["x0"] for p in parts]), seconds
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -2071,7 +2179,8 @@ def export_submission(out, dest, force, log=print):
     if bad:
         raise UserError(f"--export-submission: {cfg['method']} with {cfg['method_args']} cannot sample at NFE "
                         f"{', '.join(map(str, bad))}, which the official sampling.py asks for (NFE 1, 2, 4)")
-    if hasattr(method, "sampling_net") or hasattr(method, "state_dict"):  # pd's per-round students, ld3's grids
+    if hasattr(method, "sampling_net") or (hasattr(method, "state_dict")  # pd's per-round students, ld3's grids
+                                           and getattr(method, "state_for_sampling", True)):  # (ctm's: training)
         raise UserError(f"--export-submission: {cfg['method']} samples with state of its own (a network per NFE or "
                         f"learned time grids, ckpt.pt's method_state), which a submission of one network and its "
                         f"config cannot carry yet; export a method whose sampling needs only the network")
@@ -2264,6 +2373,11 @@ def parse_args(argv=None):
     g.add_argument("--ctm-heun-steps", type=positive_int, default=17, help="ctm: at most this many teacher steps")
     g.add_argument("--ctm-lambda-dsm", type=float, default=1.0, help="ctm: weight of the DSM (flow matching) term")
     g.add_argument("--ctm-gamma", type=float, default=0.0, help="ctm: gamma of gamma-sampling (0 deterministic)")
+    g.add_argument("--ctm-gan-weight", type=float, default=0.0,
+                   help="ctm: weight of the GAN term (times the adaptive weight), 0 = off; a from-scratch pixel "
+                        "discriminator, not the paper's pretrained one (see the ctm docstring)")
+    g.add_argument("--ctm-gan-start", type=int, default=0, help="ctm: training step at which the GAN term starts")
+    g.add_argument("--ctm-gan-lr", type=float, default=2e-4, help="ctm: the discriminator's Adam learning rate")
     g.add_argument("--ctm-times", nargs="+", default=None, metavar="NFE:T1,...",
                    help="ctm: intermediate times of gamma-sampling, e.g. 2:0.5 (default k/NFE)")
     g = p.add_argument_group("CS492(C) challenge: the course's U-Net and the submission folder")
@@ -2301,7 +2415,8 @@ def method_kwargs(name, args):
                 "times": times_arg(args.cm_times, "--cm-times")}
     if name == "ctm":
         return {"num_scales": args.ctm_scales, "heun_steps": args.ctm_heun_steps, "lambda_dsm": args.ctm_lambda_dsm,
-                "gamma": args.ctm_gamma, "times": times_arg(args.ctm_times, "--ctm-times")}
+                "gamma": args.ctm_gamma, "times": times_arg(args.ctm_times, "--ctm-times"),
+                "gan_weight": args.ctm_gan_weight, "gan_start": args.ctm_gan_start, "gan_lr": args.ctm_gan_lr}
     return {}
 
 

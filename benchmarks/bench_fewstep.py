@@ -13,6 +13,12 @@ The spread of a 1,000-sample FID, printed with the table so that a reader knows 
 the rf run re-sampled with --spread-seeds other sampling seeds at NFE 1 and 4, and rf trained again from
 another seed at the same budget.
 
+Options per method: the README's mnist5k settings for all (COMMON), plus BUDGET_ARGS, the schedule lengths that
+papers set for hundreds of thousands of iterations cut to what fits the budget (reflow's pairs, cm's curriculum,
+ctm's teacher steps, pd's rounds); --method-args METHOD=ARGS replaces a method's entry. Reflow's pair generation
+counts as its training time. All training runs come first, then all scoring, so that nothing else in the benchmark
+competes with a timed run for the cores (scoring is not timed).
+
 Everything is a run directory under --out, and the benchmark resumes where it stopped: a finished run (its
 bench.json) is not trained or scored again, an interrupted one resumes from its ckpt.pt for the rest of its budget
 (the budget counts the training seconds its checkpoint holds). Writes OUT/results.json, OUT/results.md and
@@ -28,7 +34,6 @@ import json
 import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -45,28 +50,50 @@ import fid  # noqa: E402
 COMMON = ["--data", "mnist5k", "--batch-size", "64", "--lr", "1e-3", "--ema-decay", "0.999", "--warmup", "100"]
 
 
+# Per-method options for a budget of minutes rather than days: the schedule lengths that papers set for hundreds of
+# thousands of iterations, cut to what fits. Each is a fewstep.py option; --method-args replaces a method's entry.
+BUDGET_ARGS = {
+    # Pairs from a 16-step teacher (a 100-step one would spend the whole budget on 2,000 pairs): the pairs'
+    # generation counts as training time.
+    "reflow": "--num-pairs 2000 --teacher-steps 16",
+    # iCT's discretisation curriculum must reach its end within the run: about 700 steps fit 10 minutes.
+    "cm": "--cm-total-steps 700",
+    # 17 teacher Heun steps per target make a step ~7x an rf step; 4 leave a few hundred steps in the budget.
+    "ctm": "--ctm-heun-steps 4",
+    # Four rounds (16 -> 8 -> 4 -> 2 -> 1 steps) of 90 iterations each fit the student's half of the budget.
+    "pd": "--pd-start-steps 16 --pd-round-steps 90",
+}
+
+
 def trained_minutes(run):
     ckpt = Path(run) / "ckpt.pt"
     return torch.load(ckpt, weights_only=True).get("train_seconds", 0.0) / 60 if ckpt.exists() else 0.0
 
 
-def train_and_score(run, argv, minutes, nfes, num_samples, log):
-    """Train `run` for what is left of `minutes`, score it at `nfes`; the scores are kept in run/bench.json."""
+def train(run, argv, minutes, log):
+    """Train `run` for what is left of `minutes` of training time (resumes an interrupted run)."""
+    run = Path(run)
+    left = minutes - trained_minutes(run)
+    if (run / "bench.json").exists() or left <= 0.01:
+        return
+    log(f"{run.name}: training {left:.2f} more min")
+    fewstep.main([*argv, "--minutes", f"{left:.4f}", "--out", str(run), "--no-fid", "--nfe", "1",
+                  "--num-samples", "8"])  # training's own closing evaluation kept cheap; scored below
+
+
+def score_run(run, nfes, num_samples, log, seed=0, source=None):
+    """FID of `run` (or of a copy of `source`) at `nfes`, kept in run/bench.json (with the run's minutes and steps)."""
     run = Path(run)
     done = run / "bench.json"
-    if done.exists():
-        log(f"{run.name}: finished earlier, {done}")
-        return json.loads(done.read_text())
-    left = minutes - trained_minutes(run)
-    t0 = time.time()
-    if left > 0.01:
-        fewstep.main([*argv, "--minutes", f"{left:.4f}", "--out", str(run), "--no-fid", "--nfe", "1",
-                      "--num-samples", "8"])  # training's own closing evaluation kept cheap; scored below
-    result = score(run, nfes, num_samples)
-    result.update(minutes=trained_minutes(run), steps=torch.load(run / "ckpt.pt", weights_only=True)["step"],
-                  wall_minutes=(time.time() - t0) / 60)
-    data.write_atomic(done, lambda f: f.write(json.dumps(result, indent=2) + "\n"), mode="w")
-    return result
+    if not done.exists():
+        if source is not None:
+            copy_run(Path(source), run)
+        log(f"{run.name}: scoring NFE {nfes}, seed {seed}")
+        result = score(run, nfes, num_samples, seed)
+        ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+        result.update(minutes=ckpt.get("train_seconds", 0.0) / 60, steps=ckpt["step"])
+        data.write_atomic(done, lambda f: f.write(json.dumps(result, indent=2) + "\n"), mode="w")
+    return json.loads(done.read_text())
 
 
 def score(run, nfes, num_samples, seed=0):
@@ -97,8 +124,10 @@ def data_floor(num_samples, out):
     return value
 
 
-def grid(out, methods, cols=4):
-    """Row per method: the first `cols` samples at NFE 1, then 2, then 4 (the same evaluation noise for all)."""
+def grid(out, methods, cols=4, scale=3, label_width=80):
+    """Row per method: the first `cols` samples at NFE 1, then 2, then 4 (the same evaluation noise for all), its
+    name on the left and the NFEs on top."""
+    from PIL import ImageDraw
     rows = []
     for name in methods:
         row = []
@@ -109,7 +138,16 @@ def grid(out, methods, cols=4):
             row += imgs + [np.full_like(imgs[0], 255)[:, :4]]  # a white bar between NFEs
         rows.append(np.concatenate(row[:-1], axis=1))
     img = np.concatenate([np.pad(r, ((2, 2), (0, 0)), constant_values=255) for r in rows], axis=0)
-    Image.fromarray(img).resize((img.shape[1] * 3, img.shape[0] * 3), Image.NEAREST).save(out / "grid.png")
+    img = Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST)
+    canvas = Image.new("L", (img.width + label_width, img.height + 16), 255)
+    canvas.paste(img, (label_width, 16))
+    draw = ImageDraw.Draw(canvas)
+    cell, bar, row_h = 28 * scale, 4 * scale, 32 * scale
+    for k, nfe in enumerate((1, 2, 4)):
+        draw.text((label_width + k * (cols * cell + bar) + 2, 2), f"NFE {nfe}", fill=0)
+    for i, name in enumerate(methods):
+        draw.text((4, 16 + i * row_h + row_h // 2 - 6), name, fill=0)
+    canvas.save(out / "grid.png")
 
 
 def main(argv=None):
@@ -131,61 +169,69 @@ def main(argv=None):
     teacher_minutes = args.minutes / 2 if args.teacher_minutes is None else args.teacher_minutes
     common = [*COMMON, "--arch", args.arch]
 
+    # Phase 1: every training run, so that nothing else competes with them for the cores (scoring is not timed).
     teacher = out / "teacher-rf"
-    if any(getattr(fewstep.METHODS[m], "needs_teacher", False) for m in args.methods):
-        if trained_minutes(teacher) < teacher_minutes - 0.01:
-            fewstep.main(["--method", "rf", *common, "--minutes", f"{teacher_minutes - trained_minutes(teacher):.4f}",
-                          "--out", str(teacher), "--no-fid", "--nfe", "1", "--num-samples", "8"])
-    results = {}
+    runs = {}  # name -> (run directory, fewstep.py options, training minutes, NFEs, learns from the teacher)
     for name in args.methods:
         cls = fewstep.METHODS[name]
         distills = getattr(cls, "needs_teacher", False)  # cm can distil but trains from scratch (iCT) by default
-        nfes = [n for n in (1, 2, 4) if fewstep._supports(cls(), n)]
-        argv_m = ["--method", name, *common, *extra.get(name, "").split()]
+        argv_m = ["--method", name, *common, *extra.get(name, BUDGET_ARGS.get(name, "")).split()]
         if distills:
             argv_m += ["--teacher", str(teacher)]
-        budget = args.minutes - (teacher_minutes if distills else 0.0)
-        r = train_and_score(out / name, argv_m, budget, nfes, args.num_samples, log)
-        r["teacher_minutes"] = trained_minutes(teacher) if distills else 0.0
-        results[name] = r
-        log(f"{name}: {r}")
+        method = fewstep.make_method(name, fewstep.method_kwargs(name, fewstep.parse_args(argv_m)))
+        nfes = [n for n in (1, 2, 4) if fewstep._supports(method, n)]
+        runs[name] = (out / name, argv_m, args.minutes - (teacher_minutes if distills else 0.0), nfes, distills)
+    if any(r[4] for r in runs.values()):
+        train(teacher, ["--method", "rf", *common], teacher_minutes, log)
+    for name, (run, argv_m, budget, nfes, distills) in runs.items():
+        train(run, argv_m, budget, log)
+    spread_run = out / "spread-training-seed1"
+    if "rf" in runs:
+        train(spread_run, ["--method", "rf", *common, "--seed", "1"], args.minutes, log)
 
-    spread = {}
-    if "rf" in results:
-        rf100 = out / "rf-100-steps"
-        if not (rf100 / "bench.json").exists():
-            r = score(copy_run(out / "rf", rf100), [100], args.num_samples)
-            data.write_atomic(rf100 / "bench.json", lambda f: f.write(json.dumps(r) + "\n"), mode="w")
-        results["rf, 100 Euler steps"] = dict(json.loads((rf100 / "bench.json").read_text()),
-                                              minutes=results["rf"]["minutes"], steps=results["rf"]["steps"])
+    # Phase 2: scores.
+    results, spread = {}, {}
+    for name, (run, argv_m, budget, nfes, distills) in runs.items():
+        results[name] = dict(score_run(run, nfes, args.num_samples, log),
+                             teacher_minutes=trained_minutes(teacher) if distills else 0.0,
+                             options=" ".join(argv_m[2 + len(common):]))
+        log(f"{name}: {results[name]}")
+    if "rf" in runs:
+        results["rf, 100 Euler steps"] = score_run(out / "rf-100-steps", [100], args.num_samples, log,
+                                                   source=out / "rf")
         for seed in range(1, args.spread_seeds + 1):
-            d = out / f"spread-sampling-seed{seed}"
-            if not (d / "bench.json").exists():
-                r = score(copy_run(out / "rf", d), [1, 4], args.num_samples, seed=seed)
-                data.write_atomic(d / "bench.json", lambda f: f.write(json.dumps(r) + "\n"), mode="w")
-            spread[f"sampling seed {seed}"] = json.loads((d / "bench.json").read_text())["fid"]
-        r = train_and_score(out / "spread-training-seed1", ["--method", "rf", *common, "--seed", "1"],
-                            args.minutes, [1, 4], args.num_samples, log)
-        spread["training seed 1"] = r["fid"]
+            r = score_run(out / f"spread-sampling-seed{seed}", [1, 4], args.num_samples, log, seed=seed,
+                          source=out / "rf")
+            spread[f"sampling seed {seed}"] = r["fid"]
+        spread["training seed 1"] = score_run(spread_run, [1, 4], args.num_samples, log)["fid"]
         spread["sampling seed 0 / training seed 0"] = {k: results["rf"]["fid"][k] for k in ("1", "4")}
     floor = data_floor(args.num_samples, out)
 
     lines = [f"Budget {args.minutes:g} min per method (teacher included), preset {args.arch}, mnist5k even -> odd, "
              f"{args.num_samples} samples per NFE, fid.py clean mode.", "",
-             "| method | minutes | teacher minutes | iterations | FID NFE 1 | NFE 2 | NFE 4 |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| method | minutes | teacher minutes | iterations | FID NFE 1 | NFE 2 | NFE 4 | options |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in results.items():
         f = r["fid"]
         cells = [f.get(k, "-") for k in ("1", "2", "4")] if "100" not in f else [f"{f['100']} (NFE 100)", "", ""]
         lines.append(f"| {name} | {r['minutes']:.1f} | {r.get('teacher_minutes', 0):.1f} | {r['steps']:,} | "
-                     + " | ".join(map(str, cells)) + " |")
-    lines += ["", f"Data floor (1,000 real training digits vs the held-out half): {floor}"]
+                     + " | ".join(map(str, cells)) + f" | {r.get('options', '')} |")
+    lines += ["", f"Data floor ({args.num_samples} real training digits vs the held-out half): {floor}"]
     if spread:
         for nfe in ("1", "4"):
             vals = [v[nfe] for v in spread.values()]
             lines.append(f"Spread of rf's NFE-{nfe} FID over {len(vals)} runs (sampling and training seeds): "
                          f"{min(vals)} .. {max(vals)} (sd {statistics.pstdev(vals):.2f}); " +
                          ", ".join(f"{k}: {v[nfe]}" for k, v in spread.items()))
+    few = {k: r["fid"] for k, r in results.items() if "100" not in r["fid"]}
+    if "rf" in results and len(few) > 1:  # the issue's goals, as ratios of the measured numbers
+        best1 = min((f["1"], k) for k, f in few.items() if "1" in f)
+        best4 = min((f["4"], k) for k, f in few.items() if "4" in f)
+        rf1, rf100 = results["rf"]["fid"]["1"], results["rf, 100 Euler steps"]["fid"]["100"]
+        lines += ["", f"Best NFE 1: {best1[1]} {best1[0]} = {best1[0] / rf1:.2f} x rf's NFE 1 (goal <= 0.33), "
+                      f"{best1[0] / rf100:.2f} x rf at 100 steps (stretch <= 2).",
+                  f"Best NFE 4: {best4[1]} {best4[0]} = {best4[0] / rf100:.2f} x rf at 100 steps (goal <= 1.25), "
+                  f"{best4[0] / floor:.2f} x the data floor (stretch <= 2)."]
     text = "\n".join(lines) + "\n"
     print(text)
     data.write_atomic(out / "results.md", lambda f: f.write(text), mode="w")

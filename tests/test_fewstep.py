@@ -739,6 +739,66 @@ def test_ctm_jump_is_the_identity_at_s_equal_t_and_gamma_one_is_cm_sampling():
     torch.testing.assert_close(got, x_half + 0.5 * (1 - x_half))
 
 
+def test_cm_distilled_from_the_exact_teacher_learns_the_exact_consistency_function():
+    """Consistency distillation (--teacher): with the exact velocity as the teacher, f matches the exact flow map to
+    the data end where x_t has its mass, and the 1-, 2- and 4-step samples pass the KS test."""
+    method = ConsistencyModel(total_steps=1500)
+    method.teacher = ExactVelocityNet()
+    net = fit(method, steps=1500)
+    for nfe in (1, 2, 4):
+        p, err = cm_ks_and_error(method, net, nfe)
+        assert p > 1e-3 and err < 0.1, (nfe, p, err)
+
+
+def test_ctm_gan_adaptive_weight_is_the_ratio_of_the_last_layers_gradient_norms():
+    """lambda = ||dL_rec/dW|| / (||dL_gan/dW|| + 1e-4) for W the last weight: here L_rec = 3 sum(W) + sum(W0^2)
+    and L_gan = -5 sum(W) on a net whose last weight is W (4 x 3), so lambda = 3 sqrt(12) / (5 sqrt(12) + 1e-4),
+    and the first layer's W0 does not enter; clamped at 1e4 when the GAN gradient vanishes."""
+    net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 4))
+    w0, w = net[0].weight, net[1].weight
+    rec = 3 * w.sum() + (w0 ** 2).sum()
+    lam = CTM.adaptive_weight(net, rec, -5 * w.sum())
+    assert not lam.requires_grad
+    torch.testing.assert_close(lam, torch.tensor(3 * 12 ** 0.5 / (5 * 12 ** 0.5 + 1e-4)))
+    assert CTM.adaptive_weight(net, 3 * w.sum(), 0 * w.sum()).item() == 1e4
+
+
+def test_ctm_gan_discriminator_tells_real_from_fake_images():
+    """A few dozen discriminator steps on real digits against blurred ones: its logits separate them (every real
+    digit above every blurred one) and its loss falls to under half its first value."""
+    torch.manual_seed(0)
+    real = data.load("mnist5k", split="even")[:64].float()
+    fake = torch.nn.functional.avg_pool2d(real, 5, 1, 2)  # the blur of rf's one-step samples, same pixels
+    method = CTM(gan_weight=1.0)
+    first = method.discriminator_step(real, fake).item()
+    for _ in range(40):
+        last = method.discriminator_step(real, fake).item()
+    with torch.no_grad():
+        assert method.disc(real).min() > method.disc(fake).max()
+    assert last < 0.5 * first, (first, last)
+
+
+def test_ctm_gan_run_logs_its_terms_and_resumes_bit_for_bit(tmp_path, rf_teacher):
+    """--ctm-gan-weight: the discriminator's loss, the GAN loss and lambda are logged from --ctm-gan-start on; the
+    discriminator and its optimizer are saved in ckpt.pt and restored, so 3 + 3 steps equal 6 steps."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = ["--method", "ctm", *TINY, "--teacher", str(rf_teacher), "--ctm-scales", "6", "--ctm-heun-steps", "2",
+            "--ctm-gan-weight", "0.5", "--ctm-gan-start", "2", "--nfe", "1"]
+    fewstep.main([*args, "--steps", "6", "--out", str(a)])
+    fewstep.main([*args, "--steps", "3", "--out", str(b)])
+    fewstep.main([*args, "--steps", "6", "--out", str(b)])
+    records = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
+    assert [("d_loss" in r) for r in records] == [False, False, True, True, True, True]
+    assert all(r["gan_lambda"] > 0 for r in records[2:])
+    assert losses(a) == losses(b)
+    sa, sb = torch.load(a / "ckpt.pt", weights_only=True), torch.load(b / "ckpt.pt", weights_only=True)
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+    for k in sa["method_state"]["disc"]:
+        assert torch.equal(sa["method_state"]["disc"][k], sb["method_state"]["disc"][k]), k
+    assert fewstep.main(["--out", str(a), "--eval-only", "--nfe", "1", "--num-samples", "4", "--no-fid"])
+
+
 def test_cm_and_ctm_bad_input_is_one_line_and_writes_nothing(tmp_path, rf_teacher, capsys):
     """A teacher of the wrong kind, a curriculum or time grid that does not fit: one line, status 2, no files."""
     cm_run = tmp_path / "cm"
@@ -756,6 +816,7 @@ def test_cm_and_ctm_bad_input_is_one_line_and_writes_nothing(tmp_path, rf_teache
         (["--method", "ctm", "--teacher", str(rf_teacher), "--ctm-times", "3:0.6,0.3"], "must increase strictly"),
         (["--method", "ctm", "--teacher", str(rf_teacher), "--ctm-times", "2-0.5"], "expected NFE:T1"),
         (["--method", "ctm", "--teacher", str(rf_teacher), "--ctm-heun-steps", "18"], "heun_steps must be in 1 .."),
+        (["--method", "ctm", "--teacher", str(rf_teacher), "--ctm-gan-weight", "-1"], "gan_weight must be >= 0"),
     ]
     for args, message in cases:
         assert_refused([*args, *TINY, "--steps", "2", "--out", str(x)], message, capsys)
