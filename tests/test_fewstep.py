@@ -205,6 +205,26 @@ def test_reflow_on_exact_teacher_pairs_samples_the_target_in_one_step(distill):
         assert ks_pvalue(method, net, 4) > 1e-3
 
 
+def test_reflow_counts_the_seconds_of_its_pairs_as_training_time_once(tmp_path, rf_teacher):
+    """Generating the teacher's pairs is reflow's compute too (equal-compute comparisons need it): a new run's
+    train_seconds include every chunk's seconds; a resumed run, whose saved seconds hold them already, does not
+    add them again (the chunks are marked 10^4 s here, so a second count would show)."""
+    out = tmp_path / "reflow"
+    args = ["--method", "reflow", "--teacher", str(rf_teacher), *TINY, "--num-pairs", "600", "--teacher-steps", "2",
+            "--nfe", "1", "--out", str(out)]
+    fewstep.main([*args, "--steps", "2"])
+    chunks = sorted((out / "pairs").glob("*.pt"))
+    assert len(chunks) == 2  # 500 + 100 pairs
+    pair_seconds = sum(torch.load(c, weights_only=True)["seconds"] for c in chunks)
+    first = torch.load(out / "ckpt.pt", weights_only=True)["train_seconds"]
+    assert 0 < pair_seconds <= first
+    for c in chunks:
+        data.save_checkpoint(c, dict(torch.load(c, weights_only=True), seconds=1e4))
+    fewstep.main([*args, "--steps", "3"])
+    resumed = torch.load(out / "ckpt.pt", weights_only=True)
+    assert resumed["step"] == 3 and first <= resumed["train_seconds"] < 1e4
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Sampling costs exactly n network calls (counted by a forward hook on the U-Net, not by fewstep's counter)
 # ---------------------------------------------------------------------------------------------------------------
@@ -534,6 +554,58 @@ def test_course_net_run_exports_a_submission_that_samples_alone_like_the_officia
         assert got["fed"] == [[[1000.0 * k / n] * 3, [1000.0 / n] * 3] for k in range(n)], got["fed"]
         assert got["diff"] < 1e-5, got["diff"]
         assert -1 <= got["range"][0] and got["range"][1] <= 1
+
+
+# A generic stand-in for the official loader: load the submission, sample at NFE 1, 2, 4, count the U-Net's calls.
+OFFICIAL_SAMPLE = """
+import json, torch
+from custom_model import create_custom_model
+cfg = json.load(open("checkpoints/model_config.json"))
+model = create_custom_model(device="cpu", **cfg)
+model.load_state_dict(torch.load("checkpoints/best_model.pt", map_location="cpu", weights_only=False)["state_dict"])
+model.eval()
+calls = []
+model.network.register_forward_hook(lambda m, args, out: calls.append(1))
+res = {}
+for n in (1, 2, 4):
+    calls.clear()
+    with torch.no_grad():
+        x = model.sample((2, 3, 64, 64), num_inference_timesteps=n, verbose=False)
+    res[n] = {"calls": len(calls), "finite": bool(torch.isfinite(x).all()), "range": [x.min().item(), x.max().item()]}
+print(json.dumps(res))
+"""
+
+
+def test_distilled_course_net_run_starts_from_its_teacher_and_exports_without_its_discriminator(tmp_path):
+    """ctm feeds a second scalar (s) that its rf teacher never had: on the course U-Net the student takes every
+    teacher weight and keeps its own condition layer (the stand-in's network.condition); with the GAN term on, the
+    submission holds the U-Net alone (the discriminator is training state) and samples in n calls."""
+    root = standin_checkout(tmp_path / "checkout")
+    teacher_dir, ctm_dir, sub = tmp_path / "rf", tmp_path / "ctm", tmp_path / "submission"
+    fewstep.main(["--method", "rf", "--net", f"course:{root}", *COURSE, "--steps", "3", "--out", str(teacher_dir)])
+    teacher = torch.load(teacher_dir / "ckpt.pt", weights_only=True)["ema"]
+    student = fewstep.course_net(fewstep.course_net_config(root, uses_cond=True))
+    own = {k: v.clone() for k, v in student.state_dict().items()}
+    fewstep.init_from(student, teacher)
+    loaded = student.state_dict()
+    assert set(own) - set(teacher) == {"network.condition.weight", "network.condition.bias"}
+    assert all(torch.equal(loaded[k], teacher[k]) for k in teacher)
+    assert all(torch.equal(loaded[k], own[k]) for k in set(own) - set(teacher))
+    other = {k: (v[:1] if k == "network.head.weight" else v) for k, v in teacher.items()}  # another shape: refused
+    with pytest.raises(ValueError, match="0 missing, 0 unexpected, 1 shape-mismatched"):
+        fewstep.init_from(student, other)
+
+    fewstep.main(["--method", "ctm", "--teacher", str(teacher_dir), "--net", f"course:{root}", *COURSE,
+                  "--steps", "4", "--ctm-gan-weight", "0.5", "--ctm-gan-start", "1", "--out", str(ctm_dir)])
+    assert "disc" in torch.load(ctm_dir / "ckpt.pt", weights_only=True)["method_state"]
+    fewstep.main(["--out", str(ctm_dir), "--export-submission", str(sub)])
+    exported = torch.load(sub / "checkpoints" / "best_model.pt", weights_only=True)["state_dict"]
+    assert set(exported) == set(own)  # the U-Net's keys, nothing of the discriminator
+    r = subprocess.run([sys.executable, "-E", "-c", OFFICIAL_SAMPLE], cwd=sub, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHONPATH": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    for n, got in json.loads(r.stdout).items():
+        assert got["calls"] == int(n) and got["finite"] and -1 <= got["range"][0] <= got["range"][1] <= 1, (n, got)
 
 
 class ShortcutRoundedByData(Shortcut):
