@@ -1829,7 +1829,8 @@ def write_report(out, cfg, method, state):
              f"- iterations: {state['step']:,}, global batch size {cfg['batch_size']}, AdamW lr {cfg['lr']} "
              f"(linear warmup {cfg['warmup']} steps, weight decay {cfg['weight_decay']}), gradient clipping "
              f"{cfg['grad_clip']}, EMA decay {cfg['ema_decay']} (samples use the EMA weights)",
-             f"- total training time: {state.get('train_seconds', 0) / 3600:.2f} h of training steps",
+             f"- total training time: {state.get('train_seconds', 0) / 3600:.2f} h of training (reflow: generating "
+             f"its pairs included)",
              f"- hardware: {cfg.get('hardware', hardware())}, precision {cfg.get('precision', 'fp32')}",
              f"- data: {cfg['data']} ({HOLDOUT.get(cfg['data'], ('train',))[0]} split)"
              + (f"; teacher run {cfg['teacher']}" if cfg.get("teacher") else ""), "",

@@ -5,7 +5,8 @@ scored against the odd rows) with one preset and one set of training options, th
 --num-samples samples each (fid.py, clean mode). A method that learns from a trained run gets one shared `rf`
 teacher of --teacher-minutes, and trains itself for the rest of the budget (minutes - teacher minutes), so that
 teacher plus student cost what every other method costs; the teacher's minutes are shown in their own column. As
-references: `rf` sampled with 100 Euler steps (the many-step quality at the same budget) and the data floor, the
+references: the shared teacher itself at NFE 1, 2, 4 (what the distillers start from, at half the budget), `rf`
+sampled with 100 Euler steps (the many-step quality at the same budget) and the data floor, the
 FID of 1,000 real training digits (100 per class) against the same held-out half, i.e. real images at the sample
 size of a generated set.
 
@@ -196,6 +197,8 @@ def main(argv=None):
                              teacher_minutes=trained_minutes(teacher) if distills else 0.0,
                              options=" ".join(argv_m[2 + len(common):]))
         log(f"{name}: {results[name]}")
+    if any(r[4] for r in runs.values()):  # what the distillation methods start from (not a competitor: half budget)
+        results["rf teacher (reference)"] = score_run(teacher, [1, 2, 4], args.num_samples, log)
     if "rf" in runs:
         results["rf, 100 Euler steps"] = score_run(out / "rf-100-steps", [100], args.num_samples, log,
                                                    source=out / "rf")
@@ -223,7 +226,7 @@ def main(argv=None):
             lines.append(f"Spread of rf's NFE-{nfe} FID over {len(vals)} runs (sampling and training seeds): "
                          f"{min(vals)} .. {max(vals)} (sd {statistics.pstdev(vals):.2f}); " +
                          ", ".join(f"{k}: {v[nfe]}" for k, v in spread.items()))
-    few = {k: r["fid"] for k, r in results.items() if "100" not in r["fid"]}
+    few = {k: r["fid"] for k, r in results.items() if k in runs}  # competitors only, not the reference rows
     if "rf" in results and len(few) > 1:  # the goals, as ratios of the measured numbers
         best1 = min((f["1"], k) for k, f in few.items() if "1" in f)
         best4 = min((f["4"], k) for k, f in few.items() if "4" in f)
