@@ -182,7 +182,8 @@ def main(argv=None):
         method = fewstep.make_method(name, fewstep.method_kwargs(name, fewstep.parse_args(argv_m)))
         nfes = [n for n in (1, 2, 4) if fewstep._supports(method, n)]
         runs[name] = (out / name, argv_m, args.minutes - (teacher_minutes if distills else 0.0), nfes, distills)
-    if any(r[4] for r in runs.values()):
+    uses_teacher = any(distills for *_, distills in runs.values())
+    if uses_teacher:
         train(teacher, ["--method", "rf", *common], teacher_minutes, log)
     for name, (run, argv_m, budget, nfes, distills) in runs.items():
         train(run, argv_m, budget, log)
@@ -197,7 +198,7 @@ def main(argv=None):
                              teacher_minutes=trained_minutes(teacher) if distills else 0.0,
                              options=" ".join(argv_m[2 + len(common):]))
         log(f"{name}: {results[name]}")
-    if any(r[4] for r in runs.values()):  # what the distillation methods start from (not a competitor: half budget)
+    if uses_teacher:  # what the distillation methods start from (not a competitor: half budget)
         results["rf teacher (reference)"] = score_run(teacher, [1, 2, 4], args.num_samples, log)
     if "rf" in runs:
         results["rf, 100 Euler steps"] = score_run(out / "rf-100-steps", [100], args.num_samples, log,
