@@ -418,6 +418,10 @@ class MeanFlow:
     1000 times larger: measured here, the tiny preset at lr 1e-3 diverges within 60 steps with time_scale 1000
     (per-pixel error 1.8 -> 43 for meanflow, 1.8 -> 12 for imf) and trains with 1 (1.8 -> 1.0 and 0.57).
     Sampling (Alg. 2): NFE n on the uniform grid t_k = k / n, x_{k+1} = x_k + (1/n) u(x_k, t_k, t_{k+1}).
+    Cost: the JVP (about two forward passes' work, plus iMF's tangent forward) runs only on the rows with s != t,
+    where (s - t) du/dt is not 0; the rows with s = t take a plain forward (jumps_first, with_derivative). The loss
+    and its gradient are those of one JVP over the whole batch, as the papers' Algorithm 1 writes it (tested);
+    measured on the mnist preset at batch 64 (CPU), an imf step costs 1.9 rf steps, a meanflow step 2.1.
     """
 
     name = "meanflow"
@@ -486,12 +490,43 @@ class MeanFlow:
         self.last_metrics = {"mse": delta.detach().pow(2).mean().item()}  # unweighted, per pixel, for logs
         return (w * err).mean()
 
+    def jumps_first(self, b, device, *tensors):
+        """(t, s) for a batch of b and the batch's tensors reordered so that the n rows with s != t come first.
+        The loss is a mean over independent rows (GroupNorm and attention act within an image), so the order does
+        not change it; what it buys: du/dt is only needed where it is multiplied by s - t != 0, and the JVP, which
+        costs about two forward passes, runs on those n rows alone (ratio of the batch) instead of all b."""
+        t, s = self.sample_times(b, device)
+        order = torch.argsort((s == t).to(torch.uint8), stable=True)  # s != t (key 0) first, draw order kept
+        n = int((s != t).sum())
+        return n, t[order], s[order], [x[order] for x in tensors]
+
+    def with_derivative(self, net, x, t, s, n, tangent):
+        """(u_theta(x, t, s) with its graph, du_theta/dt) for a batch whose first n rows have s != t (jumps_first);
+        du/dt is 0 on the other rows, where s = t. tangent(rows) gives dx/dt on rows :n (a callable, so that iMF's
+        tangent, a network call, is only made on those rows)."""
+        jump, flat = slice(0, n), slice(n, None)
+        if isinstance(net, torch.nn.parallel.DistributedDataParallel):
+            # One forward through DDP for the prediction (two DDP forwards before one backward are not allowed),
+            # du/dt from the wrapped module without a graph (it is stopped anyway).
+            u = self.average_velocity(net, x, t, s)
+            dudt = torch.zeros_like(x)
+            if n:
+                dudt[jump] = self.total_derivative(net.module, x[jump], t[jump], s[jump], tangent(jump))[1]
+            return u, dudt
+        parts, dudt = [], [torch.zeros_like(x[flat])]
+        if n:
+            u_jump, dudt_jump = self.total_derivative(net, x[jump], t[jump], s[jump], tangent(jump))
+            parts, dudt = [u_jump], [dudt_jump, *dudt]
+        if n < len(x):  # s = t: a plain forward, the instantaneous velocity
+            parts.append(self.average_velocity(net, x[flat], t[flat], s[flat]))
+        return torch.cat(parts), torch.cat(dudt)
+
     def loss(self, net, x1, x0=None, ema=None):
         x0 = torch.randn_like(x1) if x0 is None else x0
-        t, s = self.sample_times(x1.shape[0], x1.device)
+        n, t, s, (x1, x0) = self.jumps_first(x1.shape[0], x1.device, x1, x0)
         xt = (1 - expand_t(t, x1)) * x0 + expand_t(t, x1) * x1
         v = x1 - x0  # conditional velocity dx_t/dt
-        u, dudt = self.total_derivative(net, xt, t, s, v)
+        u, dudt = self.with_derivative(net, xt, t, s, n, lambda rows: v[rows])
         u_tgt = (v + expand_t(s - t, v) * dudt.float()).detach()  # MeanFlow identity (Eq. 6), sg[.] (Eq. 9)
         return self.adaptive_loss(u.float() - u_tgt)
 
@@ -536,17 +571,21 @@ class ImprovedMeanFlow(MeanFlow):
 
     def loss(self, net, x1, x0=None, ema=None):
         x0 = torch.randn_like(x1) if x0 is None else x0
-        t, s = self.sample_times(x1.shape[0], x1.device)
+        n, t, s, (x1, x0) = self.jumps_first(x1.shape[0], x1.device, x1, x0)
         xt = (1 - expand_t(t, x1)) * x0 + expand_t(t, x1) * x1
-        V = self.compound_velocity(net, xt, t, s)
+        V = self.compound_velocity(net, xt, t, s, n)
         return self.adaptive_loss(V - (x1 - x0))  # a target free of theta
 
-    def compound_velocity(self, net, xt, t, s):
+    def compound_velocity(self, net, xt, t, s, n=None):
         """V_theta(x_t, t, s) = u_theta(x_t, t, s) - (s - t) sg[du_theta/dt], du/dt along v_theta = u(x_t, t, t).
-        For the exact average velocity of any flow, V is that flow's instantaneous velocity, whatever s is."""
-        with torch.no_grad():  # the tangent only enters the stopped du/dt, so it needs no graph
-            v_theta = self.average_velocity(net, xt, t, t)  # u(x_t, t, t) = v_theta(x_t, t)
-        u, dudt = self.total_derivative(net, xt, t, s, v_theta)
+        For the exact average velocity of any flow, V is that flow's instantaneous velocity, whatever s is.
+        n: the first n rows have s != t, the rest s = t (jumps_first); None: du/dt on every row."""
+        n = len(xt) if n is None else n
+
+        def tangent(rows):
+            with torch.no_grad():  # the tangent only enters the stopped du/dt, so it needs no graph
+                return self.average_velocity(net, xt[rows], t[rows], t[rows])  # u(x_t, t, t) = v_theta(x_t, t)
+        u, dudt = self.with_derivative(net, xt, t, s, n, tangent)
         return u.float() - expand_t(s - t, u) * dudt.float().detach()  # compound velocity (iMF Sec. 4.1)
 
 

@@ -178,3 +178,85 @@ def test_bad_hyperparameters_are_user_errors(tmp_path, capsys):
         assert_refused(["--method", "imf", *TINY, "--steps", "1", "--out", str(tmp_path / "x"), *args], message,
                        capsys)
     assert not (tmp_path / "x").exists()
+
+
+def full_batch_loss(method, net, x1, x0, seed):
+    """The loss as the papers' Algorithm 1 writes it, written out here: one JVP over the whole batch (rows with
+    s = t included, where (s - t) du/dt vanishes), no reordering; the same (t, s) draws as method.loss."""
+    torch.manual_seed(seed)
+    t, s = method.sample_times(len(x1), x1.device)
+    xt = (1 - expand_t(t, x1)) * x0 + expand_t(t, x1) * x1
+    v = x1 - x0
+    fn = lambda x, t, s: net(x, t, cond=s - t)  # noqa: E731  (time_scale 1)
+    if isinstance(method, ImprovedMeanFlow):
+        with torch.no_grad():
+            v_theta = net(xt, t, cond=torch.zeros_like(t))
+        u, dudt = torch.func.jvp(fn, (xt, t, s), (v_theta, torch.ones_like(t), torch.zeros_like(s)))
+        delta = u - expand_t(s - t, u) * dudt.detach() - v
+    else:
+        u, dudt = torch.func.jvp(fn, (xt, t, s), (v, torch.ones_like(t), torch.zeros_like(s)))
+        delta = u - (v + expand_t(s - t, v) * dudt).detach()
+    err = delta.pow(2).flatten(1).sum(1)
+    return ((err + method.adaptive_c).detach() ** -method.adaptive_p * err).mean(), int((s != t).sum())
+
+
+def loss_and_grad(loss_fn, net):
+    net.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+
+
+def weighted_tiny_unet():
+    torch.manual_seed(0)
+    net = unet.create("tiny", extra_cond=True)
+    with torch.no_grad():  # a new net outputs exactly 0 (zero-initialised output layer): give it weights
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net
+
+
+@pytest.mark.parametrize("cls", [MeanFlow, ImprovedMeanFlow])
+def test_jvp_on_the_jump_rows_only_gives_the_full_batch_loss_and_gradient(cls):
+    """fewstep.py runs the JVP on the rows with s != t alone and a plain forward on the rest (the loss is a mean
+    over independent rows, and (s - t) du/dt is 0 where s = t). Its loss and gradient equal those of one JVP over
+    the whole batch in the original order, and the JVP sees exactly the rows with s != t."""
+    net = weighted_tiny_unet()
+    x1, x0 = torch.randn(16, 1, 28, 28).clamp(-1, 1), torch.randn(16, 1, 28, 28)
+    method = cls()
+    ref_loss, ref_grad = loss_and_grad(lambda: full_batch_loss(method, net, x1, x0, seed=3)[0], net)
+    n_jump = full_batch_loss(method, net, x1, x0, seed=3)[1]
+    seen = []
+    total_derivative = method.total_derivative
+    method.total_derivative = lambda net, x, *a: seen.append(len(x)) or total_derivative(net, x, *a)
+
+    def split_loss():
+        torch.manual_seed(3)
+        return method.loss(net, x1, x0)
+    loss, grad = loss_and_grad(split_loss, net)
+    assert seen == [n_jump] and 0 < n_jump < 16, (seen, n_jump)
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (loss, ref_loss)
+    assert ((grad - ref_grad).norm() / ref_grad.norm()).item() < 1e-4
+
+
+@pytest.mark.parametrize("cls", [MeanFlow, ImprovedMeanFlow])
+def test_the_ddp_path_gives_the_same_loss_and_gradient(cls, tmp_path):
+    """Under DistributedDataParallel (here one gloo process) the prediction is one forward through DDP and du/dt a
+    JVP of the wrapped module on the jump rows: the same loss and gradient as without DDP."""
+    import torch.distributed as dist
+    net = weighted_tiny_unet()
+    x1, x0 = torch.randn(8, 1, 28, 28).clamp(-1, 1), torch.randn(8, 1, 28, 28)
+    method = cls()
+
+    def loss_of(model):
+        torch.manual_seed(5)
+        return method.loss(model, x1, x0)
+    ref_loss, ref_grad = loss_and_grad(lambda: loss_of(net), net)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(net)
+        loss, grad = loss_and_grad(lambda: loss_of(ddp), net)
+    finally:
+        dist.destroy_process_group()
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (loss, ref_loss)
+    assert ((grad - ref_grad).norm() / ref_grad.norm()).item() < 1e-4
