@@ -463,15 +463,8 @@ class MeanFlow:
     def total_derivative(self, net, x, t, s, dxdt):
         """(u_theta(x, t, s), du_theta/dt) in one forward-mode pass: the JVP along (dx, dt, ds) = (dxdt, 1, 0),
         i.e. x moving with velocity dxdt, t at rate 1, s fixed. The first output keeps its graph (it is the
-        prediction), the second is only ever used stopped from the gradient."""
+        prediction), the second is only ever used stopped from the gradient. net: not DDP (with_derivative)."""
         tangents = (dxdt, torch.ones_like(t), torch.zeros_like(s))
-        if isinstance(net, torch.nn.parallel.DistributedDataParallel):
-            # DDP's gradient hooks cannot run inside torch.func.jvp: take du/dt from the wrapped module without a
-            # graph (it is stopped anyway) and the prediction from an ordinary forward through DDP (+1 forward).
-            with torch.no_grad():
-                _, dudt = jvp_attention_safe(lambda x, t, s: self.average_velocity(net.module, x, t, s),
-                                             (x, t, s), tangents)
-            return self.average_velocity(net, x, t, s), dudt
         return jvp_attention_safe(lambda x, t, s: self.average_velocity(net, x, t, s), (x, t, s), tangents)
 
     def sample_times(self, b, device):
@@ -506,12 +499,14 @@ class MeanFlow:
         tangent, a network call, is only made on those rows)."""
         jump, flat = slice(0, n), slice(n, None)
         if isinstance(net, torch.nn.parallel.DistributedDataParallel):
-            # One forward through DDP for the prediction (two DDP forwards before one backward are not allowed),
-            # du/dt from the wrapped module without a graph (it is stopped anyway).
+            # DDP's gradient hooks cannot run inside torch.func.jvp, and two DDP forwards before one backward are
+            # not allowed: one forward through DDP for the prediction, du/dt from the wrapped module without a
+            # graph (it is stopped anyway), one forward of the jump rows more than without DDP.
             u = self.average_velocity(net, x, t, s)
             dudt = torch.zeros_like(x)
             if n:
-                dudt[jump] = self.total_derivative(net.module, x[jump], t[jump], s[jump], tangent(jump))[1]
+                with torch.no_grad():
+                    dudt[jump] = self.total_derivative(net.module, x[jump], t[jump], s[jump], tangent(jump))[1]
             return u, dudt
         parts, dudt = [], [torch.zeros_like(x[flat])]
         if n:

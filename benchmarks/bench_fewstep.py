@@ -12,7 +12,7 @@ size of a generated set.
 
 The spread of a 1,000-sample FID, printed with the table so that a reader knows which differences mean something:
 the rf run re-sampled with --spread-seeds other sampling seeds at NFE 1 and 4, and rf trained again from
-another seed at the same budget.
+another seed at the same budget (--no-training-spread leaves that run out, e.g. for a second preset).
 
 Options per method: the README's mnist5k settings for all (COMMON), plus BUDGET_ARGS, the schedule lengths that
 papers set for hundreds of thousands of iterations cut to what fits the budget (reflow's pairs, cm's curriculum,
@@ -161,6 +161,8 @@ def main(argv=None):
     p.add_argument("--method-args", action="append", default=[],
                    help="METHOD=ARGS, extra fewstep.py options of one method, e.g. 'shortcut=--fm-d min'")
     p.add_argument("--spread-seeds", type=int, default=3, help="extra sampling seeds of the rf run")
+    p.add_argument("--no-training-spread", action="store_true",
+                   help="do not train rf again from seed 1 (the spread over training seeds; one budget less)")
     p.add_argument("--out", default="runs/bench-fewstep")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -188,7 +190,7 @@ def main(argv=None):
     for name, (run, argv_m, budget, nfes, distills) in runs.items():
         train(run, argv_m, budget, log)
     spread_run = out / "spread-training-seed1"
-    if "rf" in runs:
+    if "rf" in runs and not args.no_training_spread:
         train(spread_run, ["--method", "rf", *common, "--seed", "1"], args.minutes, log)
 
     # Phase 2: scores.
@@ -207,7 +209,8 @@ def main(argv=None):
             r = score_run(out / f"spread-sampling-seed{seed}", [1, 4], args.num_samples, log, seed=seed,
                           source=out / "rf")
             spread[f"sampling seed {seed}"] = r["fid"]
-        spread["training seed 1"] = score_run(spread_run, [1, 4], args.num_samples, log)["fid"]
+        if not args.no_training_spread:
+            spread["training seed 1"] = score_run(spread_run, [1, 4], args.num_samples, log)["fid"]
         spread["sampling seed 0 / training seed 0"] = {k: results["rf"]["fid"][k] for k in ("1", "4")}
     floor = data_floor(args.num_samples, out)
 
