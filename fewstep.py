@@ -489,9 +489,9 @@ class MeanFlow:
         not change it; what it buys: du/dt is only needed where it is multiplied by s - t != 0, and the JVP, which
         costs about two forward passes, runs on those n rows alone (ratio of the batch) instead of all b."""
         t, s = self.sample_times(b, device)
-        order = torch.argsort((s == t).to(torch.uint8), stable=True)  # s != t (key 0) first, draw order kept
-        n = int((s != t).sum())
-        return n, t[order], s[order], [x[order] for x in tensors]
+        flat = s == t
+        order = torch.argsort(flat.to(torch.uint8), stable=True)  # s != t (key 0) first, draw order kept
+        return b - int(flat.sum()), t[order], s[order], [x[order] for x in tensors]
 
     def with_derivative(self, net, x, t, s, n, tangent):
         """(u_theta(x, t, s) with its graph, du_theta/dt) for a batch whose first n rows have s != t (jumps_first);
@@ -508,13 +508,15 @@ class MeanFlow:
                 with torch.no_grad():
                     dudt[jump] = self.total_derivative(net.module, x[jump], t[jump], s[jump], tangent(jump))[1]
             return u, dudt
-        parts, dudt = [], [torch.zeros_like(x[flat])]
+        u, dudt = [], []
         if n:
             u_jump, dudt_jump = self.total_derivative(net, x[jump], t[jump], s[jump], tangent(jump))
-            parts, dudt = [u_jump], [dudt_jump, *dudt]
+            u.append(u_jump)
+            dudt.append(dudt_jump)
         if n < len(x):  # s = t: a plain forward, the instantaneous velocity
-            parts.append(self.average_velocity(net, x[flat], t[flat], s[flat]))
-        return torch.cat(parts), torch.cat(dudt)
+            u.append(self.average_velocity(net, x[flat], t[flat], s[flat]))
+            dudt.append(torch.zeros_like(x[flat]))
+        return torch.cat(u), torch.cat(dudt)
 
     def loss(self, net, x1, x0=None, ema=None):
         x0 = torch.randn_like(x1) if x0 is None else x0
