@@ -230,6 +230,8 @@ def main(argv=None):
     if spread:
         for nfe in ("1", "4"):
             vals = [v[nfe] for v in spread.values()]
+            if len(vals) < 2:  # --spread-seeds 0 --no-training-spread: one run is no spread
+                continue
             lines.append(f"Spread of rf's NFE-{nfe} FID over {len(vals)} runs (sampling and training seeds): "
                          f"{min(vals)} .. {max(vals)} (sd {statistics.pstdev(vals):.2f}); " +
                          ", ".join(f"{k}: {v[nfe]}" for k, v in spread.items()))
