@@ -64,7 +64,8 @@ BUDGET_ARGS = {
     # Four rounds (16 -> 8 -> 4 -> 2 -> 1 steps) of 90 iterations each fit the student's half of the budget.
     "pd": "--pd-start-steps 16 --pd-round-steps 90",
     # imf: a step costs about 2 rf steps (the JVP), so at 10 minutes the mnist preset gets ~500 steps; the tiny
-    # preset gets ~1,400 and scored better at every NFE (README, third sitting): preset size for the budget.
+    # preset gets ~2.6x as many (1,366 against 524 on one machine) and scored better at every NFE (README, third
+    # sitting): preset size for the budget.
     "imf": "--arch tiny",
 }
 
@@ -227,11 +228,9 @@ def main(argv=None):
         lines.append(f"| {name} | {r['minutes']:.1f} | {r.get('teacher_minutes', 0):.1f} | {r['steps']:,} | "
                      + " | ".join(map(str, cells)) + f" | {r.get('options', '')} |")
     lines += ["", f"Data floor ({args.num_samples} real training digits vs the held-out half): {floor}"]
-    if spread:
+    if len(spread) > 1:  # rf's own row is always there; one run alone is no spread
         for nfe in ("1", "4"):
             vals = [v[nfe] for v in spread.values()]
-            if len(vals) < 2:  # --spread-seeds 0 --no-training-spread: one run is no spread
-                continue
             lines.append(f"Spread of rf's NFE-{nfe} FID over {len(vals)} runs (sampling and training seeds): "
                          f"{min(vals)} .. {max(vals)} (sd {statistics.pstdev(vals):.2f}); " +
                          ", ".join(f"{k}: {v[nfe]}" for k, v in spread.items()))
