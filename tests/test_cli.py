@@ -1,11 +1,19 @@
-"""Every script's command line on every kind of bad input, each in its own process as a user runs it: exit status 2,
-one line "<script>: error: ..." naming the problem, and no traceback. Each command must fail before any real work
-(training, sampling, feature extraction), so the inputs are tiny and the processes run a few at a time."""
+"""Every script's command line on every kind of bad input, run as a user runs it: exit status 2, one line
+"<script>: error: ..." naming the problem, and no traceback. Each command must fail before any real work (training,
+sampling, feature extraction), so the inputs are tiny.
+
+A new Python process per case spent most of its time importing torch (about 4 CPU seconds each, 42 cases: over
+100 s of the suite). So each script's cases run in one process of their own (WORKER): every case executes the
+script file afresh as __main__ (runpy.run_path, the same code path as `python script.py ...`) with its own
+sys.argv and environment, and its exit status is the code of the SystemExit that ends it (what the interpreter
+would return); anything else that escapes is recorded with its traceback, as the interpreter would print it."""
+import json
 import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -88,20 +96,56 @@ CASES = [
 ]
 
 
+# Runs the cases given as JSON in argv[1] ([script path, args, extra env] each) one after another in this process and
+# prints one JSON list of {returncode, stdout, stderr} as its last line.
+WORKER = r"""
+import contextlib, io, json, os, runpy, sys, traceback
+cases, results = json.loads(sys.argv[1]), []
+for path, args, extra in cases:
+    environ = dict(os.environ)
+    os.environ.update(extra)
+    sys.argv = [os.path.basename(path), *args]  # argparse and data.run_cli name the script from argv[0]
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(path, run_name="__main__")
+    except SystemExit as e:  # the interpreter exits with e.code: 0 for None, 1 for a message
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+        if not isinstance(e.code, (int, type(None))):
+            err.write(str(e.code) + "\n")
+    except BaseException:
+        err.write(traceback.format_exc())
+        code = 1
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+    results.append({"returncode": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
+print(json.dumps(results))
+"""
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
     make_inputs(d)
-    env = dict(os.environ, FID_CACHE=str(d / "fid_cache"), DIFFUSION_DATA=str(d / "data"))
+    env = dict(os.environ, FID_CACHE=str(d / "fid_cache"), DIFFUSION_DATA=str(d / "data"),
+               PYTHONPATH=str(ROOT))  # the scripts import data, unet, fid from beside them, as `python script.py` does
     env.pop("FID_WEIGHTS", None)
+    scripts = sorted({case[0] for case in CASES})
 
-    def run(case):
-        script, args, extra, _ = case
-        return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=d, env=dict(env, **extra),
-                              capture_output=True, text=True, timeout=300)
+    def run(script):
+        cases = [(str(ROOT / s), args, extra) for s, args, extra, _ in CASES if s == script]
+        r = subprocess.run([sys.executable, "-c", WORKER, json.dumps(cases)], cwd=d, env=env, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return [SimpleNamespace(**res) for res in json.loads(r.stdout.strip().splitlines()[-1])]
 
-    with ThreadPoolExecutor(4) as pool:  # each process mostly imports torch; four at a time fit two cores well
-        done = list(pool.map(run, CASES))
+    with ThreadPoolExecutor(2) as pool:  # one process per script, two at a time for two cores
+        by_script = dict(zip(scripts, pool.map(run, scripts)))
+    done, seen = [], {s: 0 for s in scripts}
+    for script, *_ in CASES:  # back into CASES order
+        done.append(by_script[script][seen[script]])
+        seen[script] += 1
     return d, done
 
 
