@@ -124,21 +124,26 @@ print(json.dumps(results))
 """
 
 
+def run_in_one_process(cases, cwd, env):
+    """cases: [(script file, args, extra env)] run by WORKER one after another in one new process with cwd and env
+    (PYTHONPATH: the project, so that the scripts import data, unet, fid from beside them as `python script.py`
+    does); one namespace per case with returncode, stdout and stderr."""
+    r = subprocess.run([sys.executable, "-c", WORKER, json.dumps([(str(p), list(a), e) for p, a, e in cases])],
+                       cwd=cwd, env=dict(env, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [SimpleNamespace(**res) for res in json.loads(r.stdout.strip().splitlines()[-1])]
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
     make_inputs(d)
-    env = dict(os.environ, FID_CACHE=str(d / "fid_cache"), DIFFUSION_DATA=str(d / "data"),
-               PYTHONPATH=str(ROOT))  # the scripts import data, unet, fid from beside them, as `python script.py` does
+    env = dict(os.environ, FID_CACHE=str(d / "fid_cache"), DIFFUSION_DATA=str(d / "data"))
     env.pop("FID_WEIGHTS", None)
     scripts = sorted({case[0] for case in CASES})
 
     def run(script):
-        cases = [(str(ROOT / s), args, extra) for s, args, extra, _ in CASES if s == script]
-        r = subprocess.run([sys.executable, "-c", WORKER, json.dumps(cases)], cwd=d, env=env, capture_output=True,
-                           text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
-        return [SimpleNamespace(**res) for res in json.loads(r.stdout.strip().splitlines()[-1])]
+        return run_in_one_process([(ROOT / s, args, extra) for s, args, extra, _ in CASES if s == script], d, env)
 
     with ThreadPoolExecutor(2) as pool:  # one process per script, two at a time for two cores
         by_script = dict(zip(scripts, pool.map(run, scripts)))

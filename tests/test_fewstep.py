@@ -27,6 +27,7 @@ import torch.nn as nn
 import data
 import fewstep
 from fewstep import CTM, ConsistencyModel, Reflow, RectifiedFlow, Shortcut
+from test_cli import run_in_one_process
 
 M, S = 1.5, 0.5  # target N(M, S^2)
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -289,15 +290,15 @@ def rf_teacher(tmp_path_factory):
 def test_each_method_trains_with_falling_loss_and_writes_its_samples(name, tmp_path, rf_teacher):
     extra = {"reflow": ["--teacher", str(rf_teacher), "--num-pairs", "64", "--teacher-steps", "4"],
              "ctm": ["--teacher", str(rf_teacher), "--ctm-scales", "6", "--ctm-heun-steps", "2"]}.get(name, [])
-    result = fewstep.main(["--method", name, *TINY, "--steps", "40", "--out", str(tmp_path), *extra])
+    result = fewstep.main(["--method", name, *TINY, "--steps", "24", "--out", str(tmp_path), *extra])
     loss = losses(tmp_path)
-    assert len(loss) == 40 and np.mean(loss[:10]) > np.mean(loss[-10:]), loss
+    assert len(loss) == 24 and np.mean(loss[:6]) > np.mean(loss[-6:]), loss
     assert result["nfe_checked"] == {"1": 1, "2": 2, "4": 4}
     for nfe in (1, 2, 4):
         assert len(list((tmp_path / "samples" / f"nfe={nfe}").glob("*.png"))) == 8
-    assert (tmp_path / "grids" / "step0000000.png").exists() and (tmp_path / "grids" / "step0000040.png").exists()
+    assert (tmp_path / "grids" / "step0000000.png").exists() and (tmp_path / "grids" / "step0000024.png").exists()
     ev = json.loads((tmp_path / "eval.json").read_text())
-    assert ev["step"] == 40 and ev["num_samples"] == 8
+    assert ev["step"] == 24 and ev["num_samples"] == 8
 
 
 def test_resume_gives_the_same_losses_and_weights_as_an_uninterrupted_run(tmp_path):
@@ -347,11 +348,6 @@ def assert_refused(args, message, capsys):
     assert err.startswith("fewstep.py: ") and "Traceback" not in err, err
 
 
-def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, str(ROOT / "fewstep.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, **(env or {})}, timeout=300)
-
-
 def test_bad_input_is_one_line_without_traceback_and_writes_nothing(tmp_path, rf_teacher):
     other = tmp_path / "other"
     fewstep.main(["--method", "shortcut", *TINY, "--steps", "2", "--out", str(other), "--nfe", "1"])
@@ -366,8 +362,9 @@ def test_bad_input_is_one_line_without_traceback_and_writes_nothing(tmp_path, rf
         (["--method", "rf", "--out", str(other)], "holds a shortcut run"),
         (["--method", "shortcut", *TINY[:2], "--arch", "mnist", "--out", str(other)], "arch='tiny'"),
     ]
-    for args, message in cases:
-        r = run_cli(*args)
+    # One process for the seven commands, each run as `python fewstep.py ARGS` (test_cli.run_in_one_process).
+    done = run_in_one_process([(ROOT / "fewstep.py", args, {}) for args, _ in cases], ROOT, os.environ)
+    for (args, message), r in zip(cases, done):
         assert r.returncode == 2, (args, r.stderr)
         assert "Traceback" not in r.stderr + r.stdout, r.stderr
         assert message in r.stderr, (message, r.stderr)

@@ -99,8 +99,46 @@ def test_loss_is_zero_for_the_exact_average_velocity_of_a_point_mass(cls):
     assert abs(exact) < 1e-8 and off > 1e-4, (exact, off)
 
 
-def fit_and_score(method, steps):
-    net = fit(method, steps=steps)
+@pytest.mark.parametrize("cls", [MeanFlow, ImprovedMeanFlow])
+def test_grid_share_puts_that_share_of_the_jump_rows_on_the_sampling_grids(cls):
+    """grid_share q: a share q of the s != t rows is (k / n, (k + 1) / n), n uniform over grid_nfes and k uniform
+    over 0..n-1, so with grid_nfes (1, 2, 4) the jump (0, 1) has probability q / 3, each half-jump q / 6, each
+    quarter-jump q / 12 (counted by hand); a logit-normal draw lands on a grid point with probability 0. The s = t
+    share stays 1 - ratio, and q = 0 draws exactly the times of a method without the option."""
+    n = 60_000
+    for q in (1.0, 0.5):
+        method = cls(ratio=0.75, grid_share=q, grid_nfes=(4, 1, 2))
+        torch.manual_seed(0)
+        t, s = method.sample_times(n, "cpu")
+        jump = s != t
+        assert abs(jump.float().mean().item() - 0.75) < 0.01
+        assert (t <= s).all() and (t >= 0).all() and (s <= 1).all()
+        tj, sj = t[jump].double(), s[jump].double()
+        expected = {(0.0, 1.0): q / 3, (0.0, 0.5): q / 6, (0.5, 1.0): q / 6,
+                    **{(k / 4, (k + 1) / 4): q / 12 for k in range(4)}}
+        on_any = torch.zeros_like(tj, dtype=torch.bool)
+        for (a, b), p in expected.items():
+            hit = (tj == a) & (sj == b)
+            on_any |= hit
+            assert abs(hit.double().mean().item() - p) < 0.012, ((a, b), hit.double().mean().item(), p)
+        assert abs(on_any.double().mean().item() - q) < 0.012
+    torch.manual_seed(1)
+    plain = cls(ratio=0.75).sample_times(1000, "cpu")
+    torch.manual_seed(1)
+    off = cls(ratio=0.75, grid_share=0.0).sample_times(1000, "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(plain, off))
+    assert "grid_share" not in cls().config()  # runs from before the option resume with the same config
+    assert cls(**cls(grid_share=0.5, grid_nfes=(2, 1)).config()).config()["grid_nfes"] == [1, 2]
+
+
+# The exactness fit and its wrong-target twins share one setting. Measured with it (one thread): largest error of
+# u on the three intervals below 0.04 for both methods (the tolerance is 0.15), NFE-1 / NFE-4 KS p-values >= 0.16;
+# every wrong target gives p = 0. 2,500 steps of batch 512 gave the same picture in three times the time.
+FIT_STEPS, FIT_BATCH = 1000, 256
+
+
+def fit_and_score(method, steps=FIT_STEPS, batch=FIT_BATCH):
+    net = fit(method, steps=steps, batch=batch)
     return ks_pvalue(method, net, 1), ks_pvalue(method, net, 4), net
 
 
@@ -111,7 +149,7 @@ def test_learns_the_exact_average_velocity_and_samples_the_target_at_nfe_1_and_4
     over thousands of pixels and concentrates, which is where the paper uses them. MeanFlow's CIFAR-10 times
     (logit-normal(-2, 2), 75% s != t) for both."""
     method = cls(adaptive_p=0.0, ratio=0.75, time_mean=-2.0, time_std=2.0, time_scale=K)
-    p1, p4, net = fit_and_score(method, steps=2500)
+    p1, p4, net = fit_and_score(method)
     with torch.no_grad():
         for t, s in ((0.0, 1.0), (0.0, 0.5), (0.5, 1.0)):
             x = grid_x(t)
@@ -147,7 +185,7 @@ class ImprovedMeanFlowSignError(ImprovedMeanFlow):
 def test_the_exactness_test_fails_for_a_wrong_target(cls):
     method = cls(adaptive_p=0.0, ratio=0.75, time_mean=-2.0, time_std=2.0, time_scale=K)
     with np.errstate(all="ignore"):
-        p1, _, _ = fit_and_score(method, steps=1000)
+        p1, _, _ = fit_and_score(method)
     assert not p1 > 1e-3, p1  # NaN (diverged) counts as failing
 
 
@@ -155,9 +193,9 @@ def test_the_exactness_test_fails_for_a_wrong_target(cls):
 def test_resume_gives_the_same_losses_and_weights_as_an_uninterrupted_run(name, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     args = ["--method", name, *TINY, "--nfe", "1"]
-    fewstep.main([*args, "--steps", "8", "--out", str(a)])
+    fewstep.main([*args, "--steps", "4", "--out", str(a)])
+    fewstep.main([*args, "--steps", "2", "--out", str(b)])
     fewstep.main([*args, "--steps", "4", "--out", str(b)])
-    fewstep.main([*args, "--steps", "8", "--out", str(b)])
     assert losses(a) == losses(b)
     sa, sb = torch.load(a / "ckpt.pt", weights_only=True), torch.load(b / "ckpt.pt", weights_only=True)
     for key in ("model", "ema"):
@@ -174,7 +212,7 @@ def test_compile_is_a_clear_fallback_said_once(tmp_path, capsys):
 
 def test_bad_hyperparameters_are_user_errors(tmp_path, capsys):
     for args, message in ((["--ratio", "1.5"], "ratio"), (["--time-std", "0"], "time_std"),
-                          (["--adaptive-c", "0"], "adaptive weighting")):
+                          (["--adaptive-c", "0"], "adaptive weighting"), (["--grid-share", "1.5"], "grid_share")):
         assert_refused(["--method", "imf", *TINY, "--steps", "1", "--out", str(tmp_path / "x"), *args], message,
                        capsys)
     assert not (tmp_path / "x").exists()
