@@ -418,6 +418,10 @@ class MeanFlow:
     1000 times larger: measured here, the tiny preset at lr 1e-3 diverges within 60 steps with time_scale 1000
     (per-pixel error 1.8 -> 43 for meanflow, 1.8 -> 12 for imf) and trains with 1 (1.8 -> 1.0 and 0.57).
     Sampling (Alg. 2): NFE n on the uniform grid t_k = k / n, x_{k+1} = x_k + (1/n) u(x_k, t_k, t_{k+1}).
+    Grid times (grid_share, this project's option, not the papers'): a share of the s != t rows takes its (t, s)
+    from those sampling grids, (k / n, (k + 1) / n) for n in grid_nfes, instead of the logit-normal. The identity
+    holds for every (t, s), so any time distribution has the same minimiser; what changes is where a short run
+    spends its steps. The logit-normal(-0.4, 1) puts 0.6 % of the rows near the one-step jump (t < 0.2, s > 0.8).
     Cost: the JVP (about two forward passes' work, plus iMF's tangent forward) runs only on the rows with s != t,
     where (s - t) du/dt is not 0; the rows with s = t take a plain forward (jumps_first, with_derivative). The loss
     and its gradient are those of one JVP over the whole batch, as the papers' Algorithm 1 writes it (tested);
@@ -436,7 +440,14 @@ class MeanFlow:
     citations = ("Geng, Deng, Bai, Kolter, He. Mean Flows for One-step Generative Modeling. NeurIPS 2025, "
                  "arXiv:2505.13447.",)
 
-    def __init__(self, ratio=0.75, time_mean=-2.0, time_std=2.0, adaptive_p=0.75, adaptive_c=1e-3, time_scale=1.0):
+    def __init__(self, ratio=0.75, time_mean=-2.0, time_std=2.0, adaptive_p=0.75, adaptive_c=1e-3, time_scale=1.0,
+                 grid_share=0.0, grid_nfes=(1, 2, 4)):
+        if not 0.0 <= grid_share <= 1.0:
+            raise ValueError(f"grid_share (share of the s != t rows on the sampling grids) must be in [0, 1], "
+                             f"got {grid_share!r}")
+        if not grid_nfes or any(not isinstance(n, int) or n < 1 for n in grid_nfes):
+            raise ValueError(f"grid_nfes must be NFEs >= 1, got {grid_nfes!r}")
+        self.grid_share, self.grid_nfes = float(grid_share), tuple(sorted(set(grid_nfes)))
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"ratio (share of the batch with s != t) must be in [0, 1], got {ratio!r}")
         if not time_std > 0:
@@ -449,8 +460,11 @@ class MeanFlow:
         self.adaptive_p, self.adaptive_c, self.time_scale = float(adaptive_p), float(adaptive_c), float(time_scale)
 
     def config(self):
-        return {"ratio": self.ratio, "time_mean": self.time_mean, "time_std": self.time_std,
-                "adaptive_p": self.adaptive_p, "adaptive_c": self.adaptive_c, "time_scale": self.time_scale}
+        cfg = {"ratio": self.ratio, "time_mean": self.time_mean, "time_std": self.time_std,
+               "adaptive_p": self.adaptive_p, "adaptive_c": self.adaptive_c, "time_scale": self.time_scale}
+        if self.grid_share:  # only when used, so that runs from before the option resume with the same config
+            cfg.update(grid_share=self.grid_share, grid_nfes=list(self.grid_nfes))
+        return cfg
 
     def check_nfe(self, nfe):
         if not isinstance(nfe, int) or nfe < 1:
@@ -473,7 +487,18 @@ class MeanFlow:
         rp = torch.sigmoid(self.time_mean + self.time_std * torch.randn(b, device=device))
         tp, rp = torch.maximum(tp, rp), torch.minimum(tp, rp)  # t' >= r'
         rp = torch.where(torch.rand(b, device=device) < 1 - self.ratio, tp, rp)  # r' = t' for 1 - ratio of them
-        return 1 - tp, 1 - rp  # t = 1 - t' (nearer the noise), s = 1 - r'
+        t, s = 1 - tp, 1 - rp  # t = 1 - t' (nearer the noise), s = 1 - r'
+        if self.grid_share:
+            # grid_share of the s != t rows take an interval of a sampling grid instead: NFE n drawn uniformly from
+            # grid_nfes, k uniformly from 0..n-1, (t, s) = (k / n, (k + 1) / n), exactly the jumps sample() makes.
+            # The logit-normal puts almost no mass near t = 0, s = 1 (the one-step jump): at 1e4 steps rather
+            # than 1e5 the network otherwise meets the very interval NFE 1 evaluates only by extrapolation.
+            nfes = torch.tensor(self.grid_nfes, device=device, dtype=torch.float32)
+            n = nfes[torch.randint(len(nfes), (b,), device=device)]
+            k = torch.floor(torch.rand(b, device=device) * n).clamp(max=n - 1)
+            on_grid = (s != t) & (torch.rand(b, device=device) < self.grid_share)
+            t, s = torch.where(on_grid, k / n, t), torch.where(on_grid, (k + 1) / n, s)
+        return t, s
 
     def adaptive_loss(self, delta):
         """delta: (B, C, H, W) prediction - target -> mean of sg(w) err, err = ||delta||^2 summed over pixels,
@@ -563,8 +588,9 @@ class ImprovedMeanFlow(MeanFlow):
     citations = ("Geng, Lu, Wu, Shechtman, Kolter, He. Improved Mean Flows: On the Challenges of Fastforward "
                  "Generative Models. CVPR 2026, arXiv:2512.02012.", MeanFlow.citations[0])
 
-    def __init__(self, ratio=0.5, time_mean=-0.4, time_std=1.0, adaptive_p=1.0, adaptive_c=0.01, time_scale=1.0):
-        super().__init__(ratio, time_mean, time_std, adaptive_p, adaptive_c, time_scale)
+    def __init__(self, ratio=0.5, time_mean=-0.4, time_std=1.0, adaptive_p=1.0, adaptive_c=0.01, time_scale=1.0,
+                 grid_share=0.0, grid_nfes=(1, 2, 4)):
+        super().__init__(ratio, time_mean, time_std, adaptive_p, adaptive_c, time_scale, grid_share, grid_nfes)
 
     def loss(self, net, x1, x0=None, ema=None):
         x0 = torch.randn_like(x1) if x0 is None else x0
@@ -2389,6 +2415,9 @@ def parse_args(argv=None):
     g.add_argument("--adaptive-c", type=float, default=None, help="meanflow/imf: adaptive weight c (1e-3 / 0.01)")
     g.add_argument("--mf-time-scale", type=float, default=None,
                    help="meanflow/imf: the network sees this times t and s - t (default 1; the other methods 1000)")
+    g.add_argument("--grid-share", type=float, default=None,
+                   help="meanflow/imf: share of the s != t rows whose (t, s) is a jump of the sampling grid of one "
+                        "of the --nfe NFEs (k/n, (k+1)/n) instead of logit-normal (default 0)")
     g.add_argument("--pd-start-steps", type=positive_int, default=1024,
                    help="pd: Euler steps of the first round's teacher (the students take half, a quarter, ...)")
     g.add_argument("--pd-end-steps", type=positive_int, default=1, help="pd: steps of the last round's student")
@@ -2438,7 +2467,10 @@ def method_kwargs(name, args):
                 "bootstrap_ema": args.bootstrap_ema, "time_dist": args.time_dist}
     if name in ("meanflow", "imf"):  # only what was given: the two methods have different defaults
         given = {"ratio": args.ratio, "time_mean": args.time_mean, "time_std": args.time_std,
-                 "adaptive_p": args.adaptive_p, "adaptive_c": args.adaptive_c, "time_scale": args.mf_time_scale}
+                 "adaptive_p": args.adaptive_p, "adaptive_c": args.adaptive_c, "time_scale": args.mf_time_scale,
+                 "grid_share": args.grid_share}
+        if args.grid_share:
+            given["grid_nfes"] = tuple(args.nfe)
         return {k: v for k, v in given.items() if v is not None}
     if name == "pd":
         return {"start_steps": args.pd_start_steps, "end_steps": args.pd_end_steps,
