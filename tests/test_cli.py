@@ -109,10 +109,12 @@ for path, args, extra in cases:
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             runpy.run_path(path, run_name="__main__")
-    except SystemExit as e:  # the interpreter exits with e.code: 0 for None, 1 for a message
-        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
-        if not isinstance(e.code, (int, type(None))):
-            err.write(str(e.code) + "\n")
+    except SystemExit as e:  # the interpreter exits with e.code: 0 for None; a message it prints, and exits 1
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
+            err.write(f"{e.code}\n")
+            code = 1
     except BaseException:
         err.write(traceback.format_exc())
         code = 1
@@ -146,12 +148,8 @@ def results(tmp_path_factory):
         return run_in_one_process([(ROOT / s, args, extra) for s, args, extra, _ in CASES if s == script], d, env)
 
     with ThreadPoolExecutor(2) as pool:  # one process per script, two at a time for two cores
-        by_script = dict(zip(scripts, pool.map(run, scripts)))
-    done, seen = [], {s: 0 for s in scripts}
-    for script, *_ in CASES:  # back into CASES order
-        done.append(by_script[script][seen[script]])
-        seen[script] += 1
-    return d, done
+        by_script = {s: iter(res) for s, res in zip(scripts, pool.map(run, scripts))}
+    return d, [next(by_script[case[0]]) for case in CASES]  # back into CASES order
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=[f"{c[0]} {' '.join(c[1])}" for c in CASES])
