@@ -748,8 +748,18 @@ def _smooth(y):
     return (c[1:] - c[lo]) / (np.arange(1, len(y) + 1) - lo)
 
 
+def log_scale_suits(y):
+    """A log y-axis for a positive series that spans at least a factor of 10 (e.g. a loss falling from 1.9 to 0.1).
+
+    A near-constant series (imf's adaptively weighted loss sits at 1 - 1e-5 by construction) stays linear: on a log
+    axis inside one decade matplotlib labels every minor tick with the same rounded number.
+    """
+    y = np.asarray(y, dtype=float)
+    return bool(len(y)) and bool((y > 0).all()) and y.max() >= 10 * y.min()
+
+
 def plot_metrics(out_dir, keys=("loss",), path=None):
-    """Plot each key of metrics.jsonl against step (raw and smoothed; log y-scale when all values are positive).
+    """Plot each key of metrics.jsonl against step (raw and smoothed; log y-scale where log_scale_suits).
 
     :return: path of the PNG (default out_dir/loss.png).
     """
@@ -770,7 +780,7 @@ def plot_metrics(out_dir, keys=("loss",), path=None):
         y = np.array([p[1] for p in pts], dtype=float)
         ax.plot(step, y, lw=0.8, alpha=0.35, label=key)
         ax.plot(step, _smooth(y), lw=1.6, label=f"{key} (smoothed)")
-        if len(y) and (y > 0).all():
+        if log_scale_suits(y):
             ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel(key)

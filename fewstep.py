@@ -1902,8 +1902,9 @@ def write_report(out, cfg, method, state):
     lines += [f"- step {int(g.stem[4:]):,}: ![{g.stem}](grids/{g.name})" for g in early]
     lines += ["", "## FID", ""]
     if ev:
-        lines += [f"{ev['num_samples']} samples per NFE against {ev['fid_ref'] or '(not scored)'}, fid.py clean mode "
-                  f"(clean-fid's definition), checkpoint step {ev['step']}.", "", "| NFE | FID |", "| --- | --- |"]
+        lines += [(f"{ev['num_samples']} samples per NFE against {ev['fid_ref']}, fid.py clean mode (clean-fid's "
+                   f"definition)" if ev["fid_ref"] else f"{ev['num_samples']} samples per NFE, not scored (--no-fid)")
+                  + f", checkpoint step {ev['step']}.", "", "| NFE | FID |", "| --- | --- |"]
         lines += [f"| {k} | {v:.2f} |" if v is not None else f"| {k} | - |" for k, v in
                   ((k, ev["fid"].get(k)) for k in ev["sample_seconds"])]
     else:
@@ -2615,8 +2616,12 @@ def run(args, rank, world, device):
             raise UserError(f"{out} holds a {cfg['method']} run, this command asks for {name}; use another --out "
                             f"(nothing was written)")
         if cfg["method_args"] != method.config() and not args.eval_only:  # --eval-only: the run's own options
-            raise UserError(f"{out} was trained with {cfg['method_args']}, this command asks for {method.config()}; "
-                            f"use the original options to resume or another --out")
+            run_args, asked = cfg["method_args"], method.config()
+            differ = ", ".join(f"{k}: {run_args.get(k, '(unset)')} in the run, {asked.get(k, '(unset)')} asked"
+                               for k in sorted(set(run_args) | set(asked)) if run_args.get(k) != asked.get(k))
+            hint = " (--grid-share takes grid_nfes from --nfe)" if "grid_nfes" in differ else ""
+            raise UserError(f"{out} was trained with other {name} options ({differ}){hint}; use the original "
+                            f"options to resume or another --out (nothing was written)")
         for key, val in (("arch", args.arch), ("data", args.data), ("batch_size", args.batch_size)):
             if val is not None and cfg[key] != val:
                 raise UserError(f"{out} holds a run with {key}={cfg[key]!r}, this command asks for {val!r}; use "

@@ -451,6 +451,14 @@ def test_config_metrics_and_plot(tmp_path):
         data.plot_metrics(tmp_path, keys=("fid",))
 
 
+def test_log_scale_only_for_positive_series_spanning_a_decade():
+    assert data.log_scale_suits([1.9, 0.8, 0.19])  # a falling loss: 10x between its ends
+    assert not data.log_scale_suits([1.9, 0.8, 0.2])  # 9.5x: one decade is not spanned, linear
+    assert not data.log_scale_suits(1 - 1e-5 * np.arange(100))  # imf's weighted loss: near-constant, linear
+    assert not data.log_scale_suits([5.0, -1.0, 0.01]) and not data.log_scale_suits([0.0, 1.0])  # not positive
+    assert not data.log_scale_suits([])
+
+
 def test_get_device():
     assert data.get_device("cpu") == torch.device("cpu")
     assert data.get_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -290,7 +291,7 @@ def rf_teacher(tmp_path_factory):
 def test_each_method_trains_with_falling_loss_and_writes_its_samples(name, tmp_path, rf_teacher):
     extra = {"reflow": ["--teacher", str(rf_teacher), "--num-pairs", "64", "--teacher-steps", "4"],
              "ctm": ["--teacher", str(rf_teacher), "--ctm-scales", "6", "--ctm-heun-steps", "2"]}.get(name, [])
-    result = fewstep.main(["--method", name, *TINY, "--steps", "24", "--out", str(tmp_path), *extra])
+    result = fewstep.main(["--method", name, *TINY, "--steps", "24", "--out", str(tmp_path), *extra, "--report"])
     loss = losses(tmp_path)
     assert len(loss) == 24 and np.mean(loss[:6]) > np.mean(loss[-6:]), loss
     assert result["nfe_checked"] == {"1": 1, "2": 2, "4": 4}
@@ -299,6 +300,16 @@ def test_each_method_trains_with_falling_loss_and_writes_its_samples(name, tmp_p
     assert (tmp_path / "grids" / "step0000000.png").exists() and (tmp_path / "grids" / "step0000024.png").exists()
     ev = json.loads((tmp_path / "eval.json").read_text())
     assert ev["step"] == 24 and ev["num_samples"] == 8
+    # report.md: the challenge's write-up. Every image it links exists, it names the run's own numbers, the method's
+    # papers, and says plainly that --no-fid left the FID column empty.
+    report = (tmp_path / "report.md").read_text()
+    links = re.findall(r"\]\(([^)]+\.png)\)", report)
+    assert "loss.png" in links and "grids/step0000024.png" in links
+    assert all((tmp_path / link).exists() for link in links), links
+    assert "iterations: 24, global batch size 16" in report and "8 samples per NFE, not scored (--no-fid)" in report
+    assert all(f"| {n} | - |" in report for n in (1, 2, 4)) and "against" not in report.split("## FID")[1].split("## References")[0]
+    method = fewstep.make_method(name, fewstep.method_kwargs(name, fewstep.parse_args(["--method", name, *extra])))
+    assert all(c in report for c in method.citations)
 
 
 def test_resume_gives_the_same_losses_and_weights_as_an_uninterrupted_run(tmp_path):
@@ -352,6 +363,8 @@ def test_bad_input_is_one_line_without_traceback_and_writes_nothing(tmp_path, rf
     other = tmp_path / "other"
     fewstep.main(["--method", "shortcut", *TINY, "--steps", "2", "--out", str(other), "--nfe", "1"])
     ckpt_bytes = (other / "ckpt.pt").read_bytes()
+    grid = tmp_path / "grid"  # --grid-share stores the NFEs of its grids, taken from --nfe
+    fewstep.main(["--method", "imf", *TINY, "--steps", "1", "--grid-share", "0.5", "--out", str(grid)])
     cases = [
         (["--method", "nope", "--out", str(tmp_path / "x")], "unknown method 'nope'"),
         (["--method", "rf", "--nfe", "0", "--out", str(tmp_path / "x")], "NFE must be an integer >= 1"),
@@ -361,8 +374,12 @@ def test_bad_input_is_one_line_without_traceback_and_writes_nothing(tmp_path, rf
         (["--method", "reflow", "--teacher", str(other), "--out", str(tmp_path / "x")], "is a shortcut run"),
         (["--method", "rf", "--out", str(other)], "holds a shortcut run"),
         (["--method", "shortcut", *TINY[:2], "--arch", "mnist", "--out", str(other)], "arch='tiny'"),
+        (["--method", "shortcut", "--max-steps", "64", "--out", str(other)],
+         "other shortcut options (max_steps: 128 in the run, 64 asked)"),
+        (["--method", "imf", "--grid-share", "0.5", "--nfe", "1", "--steps", "2", "--out", str(grid)],
+         "(grid_nfes: [1, 2, 4] in the run, [1] asked) (--grid-share takes grid_nfes from --nfe)"),
     ]
-    # One process for the seven commands, each run as `python fewstep.py ARGS` (test_cli.run_in_one_process).
+    # One process for the nine commands, each run as `python fewstep.py ARGS` (test_cli.run_in_one_process).
     done = run_in_one_process([(ROOT / "fewstep.py", args, {}) for args, _ in cases], ROOT, os.environ)
     for (args, message), r in zip(cases, done):
         assert r.returncode == 2, (args, r.stderr)
