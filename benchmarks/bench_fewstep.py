@@ -65,7 +65,8 @@ BUDGET_ARGS = {
     "pd": "--pd-start-steps 16 --pd-round-steps 90",
     # imf: a step costs about 2 rf steps (the JVP), so at 10 minutes the mnist preset gets ~500 steps; the tiny
     # preset gets ~2.6x as many (1,366 against 524 on one machine) and scored better at every NFE (README, third
-    # sitting): preset size for the budget.
+    # sitting), and again at 30 minutes (2,803 steps against the mnist preset's 979: fourth sitting): preset size
+    # for the budget.
     "imf": "--arch tiny",
 }
 
