@@ -19,6 +19,7 @@ from PIL import Image
 
 import fewstep
 import fid
+from test_fewstep import one_thread  # noqa: F401  (autouse fixture: these tiny runs are fastest on one thread)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -44,10 +45,6 @@ def stand_in_fid(monkeypatch):
     monkeypatch.setattr(fid, "resolve_weights", lambda *a, **k: None)
     monkeypatch.setattr(fid, "reference_statistics", lambda *a, **k: "stand-in reference")  # None means no FID
     monkeypatch.setattr(fid, "compute_fid", stand_in_score)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_bench_scores_each_row_from_its_own_samples_resumes_and_states_the_goal_ratios(tmp_path, stand_in_fid,
@@ -120,7 +117,7 @@ def test_bench_scores_each_row_from_its_own_samples_resumes_and_states_the_goal_
     assert "more min" not in capsys.readouterr().out  # the "training N more min" line of bench.train
 
 
-def test_bench_resumes_an_interrupted_run_for_the_rest_of_its_budget(tmp_path, stand_in_fid, monkeypatch):
+def test_bench_resumes_an_interrupted_run_for_the_rest_of_its_budget(tmp_path, monkeypatch):
     """A run whose checkpoint holds part of the budget is trained only for what is left (read from ckpt.pt)."""
     bench = load_bench()
     run = tmp_path / "rf"
