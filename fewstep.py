@@ -56,6 +56,7 @@ Equations (x0 ~ N(0, I), x1 ~ data, t ~ p(t)):
             the identity u = v + (s - t) du/dt, du/dt = v . d_x u + d_t u (a JVP along (v, 1, 0)), gives
             L = E w || u_theta(x_t, t, s) - sg[ v + (s - t) du_theta/dt ] ||^2,   v = x1 - x0     (Geng Eq. 9-10)
             w = sg[1 / (||.||^2 + c)^p] (adaptive weighting); NFE n: x_{k+1} = x_k + (1/n) u(x_k, k/n, (k+1)/n)
+            (or any grid 0 = t_0 < ... < t_n = 1, --mf-times: the identity holds for every (t, s))
             (the paper's z_t = (1 - t') x + t' e runs backwards: t' = 1 - t, r' = 1 - s, u' = -u, v' = -v)
   imf       V_theta = u_theta(x_t, t, s) - (s - t) sg[du_theta/dt], du/dt along v_theta = u_theta(x_t, t, t)
             L = E w || V_theta - (x1 - x0) ||^2: a target free of theta; sampled as meanflow     (iMF Sec. 4.1)
@@ -417,7 +418,9 @@ class MeanFlow:
     in t, and at 1000 t the sinusoidal embedding's fast components (cos(1000 t f) for f near 1) make du/dt up to
     1000 times larger: measured here, the tiny preset at lr 1e-3 diverges within 60 steps with time_scale 1000
     (per-pixel error 1.8 -> 43 for meanflow, 1.8 -> 12 for imf) and trains with 1 (1.8 -> 1.0 and 0.57).
-    Sampling (Alg. 2): NFE n on the uniform grid t_k = k / n, x_{k+1} = x_k + (1/n) u(x_k, t_k, t_{k+1}).
+    Sampling (Alg. 2): NFE n on the uniform grid t_k = k / n, x_{k+1} = x_k + (1/n) u(x_k, t_k, t_{k+1}); any
+    other grid is a valid sampler of the same network (the identity holds for every (t, s)): --mf-times 2:T gives
+    NFE 2's middle time (measured on mnist5k, README: 2:0.6 beats 0.5; at NFE 4 the uniform grid beat 3 others).
     Grid times (grid_share, this project's option, not the papers'): a share of the s != t rows takes its (t, s)
     from those sampling grids, (k / n, (k + 1) / n) for n in grid_nfes, instead of the logit-normal. The identity
     holds for every (t, s), so any time distribution has the same minimiser; what changes is where a short run
@@ -429,6 +432,7 @@ class MeanFlow:
     """
 
     name = "meanflow"
+    sampling_args = ("times",)  # options of sample() only: --eval-only may replace the run's (see run())
     uses_cond = True  # the span s - t through the network's second scalar
     uses_jvp = True  # the loss differentiates the network forward-mode (see --compile in train())
     summary = ("MeanFlow: the network predicts the average velocity u(x_t, t, s) over [t, s], so that "
@@ -441,7 +445,8 @@ class MeanFlow:
                  "arXiv:2505.13447.",)
 
     def __init__(self, ratio=0.75, time_mean=-2.0, time_std=2.0, adaptive_p=0.75, adaptive_c=1e-3, time_scale=1.0,
-                 grid_share=0.0, grid_nfes=(1, 2, 4)):
+                 grid_share=0.0, grid_nfes=(1, 2, 4), times=None):
+        self.times = parse_jump_times(times, "--mf-times")
         if not 0.0 <= grid_share <= 1.0:
             raise ValueError(f"grid_share (share of the s != t rows on the sampling grids) must be in [0, 1], "
                              f"got {grid_share!r}")
@@ -464,6 +469,8 @@ class MeanFlow:
                "adaptive_p": self.adaptive_p, "adaptive_c": self.adaptive_c, "time_scale": self.time_scale}
         if self.grid_share:  # only when used, so that runs from before the option resume with the same config
             cfg.update(grid_share=self.grid_share, grid_nfes=list(self.grid_nfes))
+        if self.times:  # likewise
+            cfg["times"] = {str(n): list(ts) for n, ts in sorted(self.times.items())}
         return cfg
 
     def check_nfe(self, nfe):
@@ -553,13 +560,18 @@ class MeanFlow:
         u_tgt = (v + expand_t(s - t, v) * dudt.float()).detach()  # MeanFlow identity (Eq. 6), sg[.] (Eq. 9)
         return self.adaptive_loss(u.float() - u_tgt)
 
+    def jump_times(self, nfe):
+        """0 = t_0 < t_1 < ... < t_nfe = 1: the uniform grid k / nfe, or the one given for this NFE (--mf-times)."""
+        return (0.0, *self.times.get(nfe, tuple(k / nfe for k in range(1, nfe))), 1.0)
+
     def sample(self, net, noise, nfe):
-        """n = nfe jumps on t_k = k / n: x_{k+1} = x_k + (t_{k+1} - t_k) u(x_k, t_k, t_{k+1}). Exactly n calls."""
+        """nfe jumps along jump_times: x_{k+1} = x_k + (t_{k+1} - t_k) u(x_k, t_k, t_{k+1}). Exactly nfe calls."""
         self.check_nfe(nfe)
         x = noise
-        for k in range(nfe):
-            t = torch.full((x.shape[0],), k / nfe, device=x.device)
-            s = torch.full((x.shape[0],), (k + 1) / nfe, device=x.device)
+        ts = self.jump_times(nfe)
+        for a, b in zip(ts, ts[1:]):
+            t = torch.full((x.shape[0],), a, device=x.device)
+            s = torch.full((x.shape[0],), b, device=x.device)
             x = x + expand_t(s - t, x) * self.average_velocity(net, x, t, s)
         return x
 
@@ -590,8 +602,8 @@ class ImprovedMeanFlow(MeanFlow):
                  "Generative Models. CVPR 2026, arXiv:2512.02012.", MeanFlow.citations[0])
 
     def __init__(self, ratio=0.5, time_mean=-0.4, time_std=1.0, adaptive_p=1.0, adaptive_c=0.01, time_scale=1.0,
-                 grid_share=0.0, grid_nfes=(1, 2, 4)):
-        super().__init__(ratio, time_mean, time_std, adaptive_p, adaptive_c, time_scale, grid_share, grid_nfes)
+                 grid_share=0.0, grid_nfes=(1, 2, 4), times=None):
+        super().__init__(ratio, time_mean, time_std, adaptive_p, adaptive_c, time_scale, grid_share, grid_nfes, times)
 
     def loss(self, net, x1, x0=None, ema=None):
         x0 = torch.randn_like(x1) if x0 is None else x0
@@ -702,6 +714,7 @@ class ConsistencyModel:
     """
 
     name = "cm"
+    sampling_args = ("times",)  # options of sample() only: --eval-only may replace the run's (see run())
     uses_cond = False
     teacher_methods = ("rf",)  # optional: consistency distillation from a trained rf run
     needs_teacher = False
@@ -858,6 +871,7 @@ class CTM:
     """
 
     name = "ctm"
+    sampling_args = ("times",)  # options of sample() only: --eval-only may replace the run's (see run())
     uses_cond = True  # s through the network's second scalar
     teacher_methods = ("rf",)
     needs_teacher = True
@@ -1690,6 +1704,7 @@ def train(args, cfg, method, state, rank, world, device):
     early = {100, 200, 500, 1000}
     last_save = time.time()
     deadline = t_invocation + 60 * args.minutes if args.minutes else math.inf
+    run_seconds = train_seconds + 60 * args.minutes if args.minutes else math.inf  # --lr-decay's time length
     net.train()
     bar = tqdm(total=cfg["steps"] if cfg["steps"] < 10 ** 9 else None, initial=step,  # None: bounded by minutes
                desc=f"train {cfg['method']}", dynamic_ncols=True, disable=not main_proc)
@@ -1697,8 +1712,8 @@ def train(args, cfg, method, state, rank, world, device):
         if broadcast_flag(time.time() >= deadline, world, device):
             break
         t0 = time.time()
-        for g in ([] if hasattr(method, "make_optimizer") else opt.param_groups):  # linear warmup (the U-Net's)
-            g["lr"] = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup"]))
+        for g in ([] if hasattr(method, "make_optimizer") else opt.param_groups):  # warmup, then --lr-decay
+            g["lr"] = cfg["lr"] * lr_factor(step, cfg, time.time(), deadline, run_seconds)
         if hasattr(method, "on_step"):  # pd: round changes; ld3: its batch and phase
             method.on_step(step, net, ema)
         batch = batches(step)
@@ -1755,6 +1770,28 @@ def train(args, cfg, method, state, rank, world, device):
             f"min of training in all{', reflow pairs included' if pair_seconds else ''}); {out / 'ckpt.pt'}, "
             f"{out / 'loss.png'}")
     return step, ema
+
+
+def lr_factor(step, cfg, now, deadline=math.inf, run_seconds=math.inf):
+    """The learning rate of step `step + 1` as a share of the peak cfg["lr"]: a linear warmup over cfg["warmup"]
+    steps, then, with cfg["lr_decay"] = F > 0, a linear fall to 0 over the last share F of the run.
+
+    The run ends at cfg["steps"] or at this invocation's --minutes deadline, whichever comes first; remaining =
+    the share of the run still ahead, (steps - step) / steps or (deadline - now) / run_seconds, where run_seconds
+    counts the seconds a resumed run trained before this invocation plus its --minutes. Why decay at all: with a
+    constant rate the weights keep moving by about lr x the gradient noise, and the EMA averages that noise only
+    over its window (1 / (1 - decay) steps); lowering the rate to 0 at the end removes it (the warmup-stable-decay
+    schedule; Hu et al. 2024, arXiv:2404.06395). A wall-clock budget needs the time form: the step count a CPU
+    reaches in M minutes is not known in advance. Resuming a decayed run with more --minutes starts a new decay
+    (the rate goes back up), as a fresh budget would.
+    """
+    warm = min(1.0, (step + 1) / max(1, cfg["warmup"]))
+    share = cfg.get("lr_decay", 0.0)
+    if not share:
+        return warm
+    remaining = min((cfg["steps"] - step) / cfg["steps"] if cfg["steps"] < 10 ** 9 else math.inf,
+                    max(0.0, deadline - now) / run_seconds if math.isfinite(run_seconds) else math.inf)
+    return warm * min(1.0, remaining / share) if math.isfinite(remaining) else warm
 
 
 def init_from(net, teacher_sd):
@@ -1890,7 +1927,9 @@ def write_report(out, cfg, method, state):
                  f"alike" if method.uses_cond else "") + ".", "",
              "## Training", "",
              f"- iterations: {state['step']:,}, global batch size {cfg['batch_size']}, AdamW lr {cfg['lr']} "
-             f"(linear warmup {cfg['warmup']} steps, weight decay {cfg['weight_decay']}), gradient clipping "
+             f"(linear warmup {cfg['warmup']} steps"
+             + (f", linear decay to 0 over the last {cfg['lr_decay']:.0%} of the run" if cfg.get("lr_decay") else "")
+             + f", weight decay {cfg['weight_decay']}), gradient clipping "
              f"{cfg['grad_clip']}, EMA decay {cfg['ema_decay']} (samples use the EMA weights)",
              f"- total training time: {state.get('train_seconds', 0) / 3600:.2f} h of training (reflow: generating "
              f"its pairs included)",
@@ -2349,6 +2388,16 @@ def positive_int(s):
     return n
 
 
+def share_arg(s):
+    try:
+        x = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share in [0, 1], got {s!r}")
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a share in [0, 1] (0.3: the last 30 percent of the run), got {s}")
+    return x
+
+
 def positive_float(s):
     try:
         x = float(s)
@@ -2376,6 +2425,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (new run: 2e-4)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup", type=int, default=500, help="linear learning-rate warmup steps")
+    p.add_argument("--lr-decay", type=share_arg, default=None, metavar="F",
+                   help="learning rate falls linearly to 0 over the last share F of the run (--steps or --minutes, "
+                        "whichever ends first); new run: 0, constant after the warmup")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off")
     p.add_argument("--ema-decay", type=float, default=None, help="EMA decay (new run: 0.9999)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="bf16 autocast on CUDA")
@@ -2417,6 +2469,8 @@ def parse_args(argv=None):
     g.add_argument("--adaptive-c", type=float, default=None, help="meanflow/imf: adaptive weight c (1e-3 / 0.01)")
     g.add_argument("--mf-time-scale", type=float, default=None,
                    help="meanflow/imf: the network sees this times t and s - t (default 1; the other methods 1000)")
+    g.add_argument("--mf-times", nargs="+", default=None, metavar="NFE:T1,...",
+                   help="meanflow/imf: sampling grid of an NFE, e.g. 2:0.6 (default k/NFE); works with --eval-only")
     g.add_argument("--grid-share", type=float, default=None,
                    help="meanflow/imf: share of the s != t rows whose (t, s) is a jump of the sampling grid of one "
                         "of the --nfe NFEs (k/n, (k+1)/n) instead of logit-normal (default 0)")
@@ -2470,7 +2524,7 @@ def method_kwargs(name, args):
     if name in ("meanflow", "imf"):  # only what was given: the two methods have different defaults
         given = {"ratio": args.ratio, "time_mean": args.time_mean, "time_std": args.time_std,
                  "adaptive_p": args.adaptive_p, "adaptive_c": args.adaptive_c, "time_scale": args.mf_time_scale,
-                 "grid_share": args.grid_share}
+                 "grid_share": args.grid_share, "times": times_arg(args.mf_times, "--mf-times") or None}
         if args.grid_share:
             given["grid_nfes"] = tuple(args.nfe)
         return {k: v for k, v in given.items() if v is not None}
@@ -2557,7 +2611,8 @@ def new_config(args, method, device, log):
         raise UserError(f"--batch-size {batch} is not divisible by the {world} processes; use a multiple of {world}")
     return {"method": method.name, "method_args": method.config(), "data": spec, "arch": arch, "unet": ukw,
             "steps": steps, "batch_size": batch, "lr": args.lr or DEFAULT_LR, "weight_decay": args.weight_decay,
-            "warmup": args.warmup, "grad_clip": args.grad_clip, "ema_decay": DEFAULT_EMA if args.ema_decay is None else args.ema_decay,
+            "warmup": args.warmup, "lr_decay": args.lr_decay or 0.0, "grad_clip": args.grad_clip,
+            "ema_decay": DEFAULT_EMA if args.ema_decay is None else args.ema_decay,
             "seed": args.seed,
             "precision": args.precision if gpu else "fp32", "channels_last": gpu, "compile": args.compile,
             "teacher": str(args.teacher) if teacher is not None else None, "time_scale": TIME_SCALE,
@@ -2615,8 +2670,14 @@ def run(args, rank, world, device):
         if cfg["method"] != name:
             raise UserError(f"{out} holds a {cfg['method']} run, this command asks for {name}; use another --out "
                             f"(nothing was written)")
-        if cfg["method_args"] != method.config() and not args.eval_only:  # --eval-only: the run's own options
-            run_args, asked = cfg["method_args"], method.config()
+        # Options of sample() alone (sampling_args: the time grids) do not define the run: given on this command
+        # line they replace the run's, for training and --eval-only alike, and are kept when not given. The
+        # other options must match to resume (--eval-only uses the run's own).
+        sampling = getattr(method, "sampling_args", ())
+        asked = method.config()
+        given = {k: asked[k] for k in sampling if asked.get(k)}
+        run_args, asked = ({k: v for k, v in a.items() if k not in sampling} for a in (cfg["method_args"], asked))
+        if run_args != asked and not args.eval_only:
             differ = ", ".join(f"{k}: {run_args.get(k, '(unset)')} in the run, {asked.get(k, '(unset)')} asked"
                                for k in sorted(set(run_args) | set(asked)) if run_args.get(k) != asked.get(k))
             hint = " (--grid-share takes grid_nfes from --nfe)" if "grid_nfes" in differ else ""
@@ -2629,8 +2690,10 @@ def run(args, rank, world, device):
         if args.net is not None and course_root(args.net) != (cfg.get("net") or {}).get("course"):
             raise UserError(f"{out} holds a run with the network {(cfg.get('net') or {}).get('course') or 'unet'}, "
                             f"this command asks for --net {args.net}; use another --out (nothing was written)")
-        # What defines the run is fixed; the budget, learning rate and EMA decay may change on resume.
-        cfg = dict(cfg, steps=args.steps or cfg["steps"], lr=args.lr or cfg["lr"],
+        # What defines the run is fixed; the budget, learning rate (and its decay) and EMA decay may change on resume.
+        cfg = dict(cfg, method_args={**cfg["method_args"], **given}, steps=args.steps or cfg["steps"],
+                   lr=args.lr or cfg["lr"],
+                   lr_decay=cfg.get("lr_decay", 0.0) if args.lr_decay is None else args.lr_decay,
                    ema_decay=cfg["ema_decay"] if args.ema_decay is None else args.ema_decay)
         method = make_method(name, cfg["method_args"])
         if args.minutes is None and device.type != "cuda" and args.steps is None and not args.eval_only:

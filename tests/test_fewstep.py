@@ -909,6 +909,37 @@ def test_cm_and_ctm_bad_input_is_one_line_and_writes_nothing(tmp_path, rf_teache
     assert not x.exists()
 
 
+def test_lr_decay_falls_linearly_to_zero_at_the_end_of_the_run():
+    """lr_factor against the schedule written out: warmup 10, then 1 until the last 40 % of the run, then linear
+    to 0; by steps (1,000), by time (a deadline 100 s after the run started, 20 s of it trained before this
+    invocation), and the earlier of the two ends when both are given."""
+    cfg = {"warmup": 10, "steps": 1000, "lr_decay": 0.4}
+    got = [fewstep.lr_factor(k, cfg, now=0.0) for k in (0, 4, 9, 500, 600, 700, 800, 999)]
+    assert got == pytest.approx([0.1, 0.5, 1, 1, 1, 0.75, 0.5, 0.0025])
+    assert fewstep.lr_factor(800, dict(cfg, lr_decay=0.0), now=0.0) == 1.0  # no decay: constant after warmup
+    by_time = dict(cfg, steps=10 ** 9)  # a run bounded by --minutes only (the CPU default)
+    deadline, run_seconds = 1080.0, 100.0  # 20 s trained before, this invocation's 80 s end at t = 1080
+    for now, want in ((1000.0, 1.0), (1040.0, 1.0), (1060.0, 0.5), (1080.0, 0.0), (1090.0, 0.0)):
+        assert fewstep.lr_factor(500, by_time, now, deadline, run_seconds) == pytest.approx(want), now
+    # steps say 95 % of the run is ahead, the clock says 10 %: the clock ends first
+    assert fewstep.lr_factor(50, cfg, 1070.0, deadline, run_seconds) == pytest.approx(0.25)
+
+
+def test_lr_decay_by_minutes_ends_near_zero_and_bad_shares_are_refused(tmp_path, capsys):
+    fewstep.main(["--method", "rf", *TINY, "--minutes", "0.05", "--lr-decay", "1", "--out", str(tmp_path / "a"),
+                  "--nfe", "1"])
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "a" / "metrics.jsonl").read_text().splitlines())]
+    assert len(lrs) >= 3 and all(b < a for a, b in zip(lrs, lrs[1:])), lrs  # warmup 0: falling from step 1
+    assert lrs[-1] < 0.25e-3 and lrs[0] > 0.5e-3, lrs  # the last step is near the deadline
+    capsys.readouterr()
+    for share, why in (("1.5", "must be a share in [0, 1]"), ("-0.1", "must be a share"), ("x", "expected a share")):
+        with pytest.raises(SystemExit) as e:  # argparse: exit status 2, the option and the problem named
+            fewstep.main(["--method", "rf", *TINY, "--steps", "1", "--lr-decay", share, "--out", str(tmp_path / "x")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "argument --lr-decay" in err and why in err, err
+    assert not (tmp_path / "x").exists()
+
+
 def test_eval_only_uses_the_runs_own_method_options(tmp_path, capsys):
     """--eval-only needs no method options: a cm run with a non-default curriculum is evaluated as trained."""
     fewstep.main(["--method", "cm", *TINY, "--steps", "2", "--cm-total-steps", "64", "--out", str(tmp_path),

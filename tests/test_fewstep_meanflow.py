@@ -10,10 +10,13 @@ Known answers used here (derived independently of fewstep.py):
   both losses vanish for the exact network.
 - A finite difference of a U-Net along (v, 1, 0) for the JVP.
 """
+import json
+
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 
 import fewstep
 import unet
@@ -298,3 +301,57 @@ def test_the_ddp_path_gives_the_same_loss_and_gradient(cls, tmp_path):
         dist.destroy_process_group()
     assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (loss, ref_loss)
     assert ((grad - ref_grad).norm() / ref_grad.norm()).item() < 1e-4
+
+
+class RecordingNet(ExactAverageVelocityNet):
+    """The exact average velocity, keeping the (t, s) of every call (one interval per call: a sampling batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, t, cond=None):
+        self.calls.append((t[0].item() / K, (t[0] + cond[0]).item() / K))
+        return super().forward(x, t, cond)
+
+
+@pytest.mark.parametrize("cls", [MeanFlow, ImprovedMeanFlow])
+def test_any_sampling_grid_of_the_exact_average_velocity_lands_on_the_exact_flow_map(cls):
+    """The MeanFlow identity holds for every (t, s), so a chain of jumps of the exact average velocity composes
+    exact flow maps, whatever the grid: from noise x0 every NFE lands on flow(x0, 0 -> 1) of the Gaussian data,
+    and the network is called on exactly the grid that --mf-times gives (k / n where it gives none)."""
+    method = cls(time_scale=K, times={"2": [0.6], 4: (0.1, 0.3, 0.7)})
+    x0 = torch.randn(64, 1, generator=torch.Generator().manual_seed(0))
+    for nfe, grid in ((1, [0, 1]), (2, [0, 0.6, 1]), (3, [0, 1 / 3, 2 / 3, 1]), (4, [0, 0.1, 0.3, 0.7, 1])):
+        net = RecordingNet()
+        with torch.no_grad():
+            x = method.sample(net, x0, nfe)
+        assert torch.allclose(x, exact_flow(x0, 0.0, 1.0), atol=1e-4), nfe
+        assert net.calls == [pytest.approx(ts, abs=1e-6) for ts in zip(grid, grid[1:])], (nfe, net.calls)
+    assert method.config()["times"] == {"2": [0.6], "4": [0.1, 0.3, 0.7]}
+    assert "times" not in cls().config()  # the uniform default: configs of earlier runs unchanged
+
+
+def nfe2_samples(run, *times):
+    fewstep.main(["--out", str(run), "--eval-only", "--nfe", "2", "--num-samples", "8", "--no-fid", *times])
+    return np.stack([np.asarray(Image.open(run / "samples" / "nfe=2" / f"{i:04d}.png")) for i in range(8)])
+
+
+@pytest.mark.parametrize("name, option, other", [("imf", "--mf-times", "2:0.8")])  # cm: re-noising, see note
+def test_sampling_grids_given_at_eval_only_or_on_resume_replace_the_runs(name, option, other, tmp_path, capsys):
+    """A time grid is an option of sampling alone: --eval-only with one samples on it (cm's and ctm's grids were
+    silently ignored there once), a resumed run may change it and keeps it when it is not given, while the options
+    of training must still match."""
+    run = tmp_path / name
+    fewstep.main(["--method", name, *TINY, "--steps", "10", "--out", str(run), "--nfe", "2"])
+    uniform = nfe2_samples(run)
+    assert np.array_equal(nfe2_samples(run, option, "2:0.5"), uniform)  # k / n given explicitly: the same images
+    assert not np.array_equal(nfe2_samples(run, option, other), uniform)
+    config = lambda: json.loads((run / "config.json").read_text())["method_args"]  # noqa: E731
+    fewstep.main(["--method", name, *TINY, "--steps", "11", "--out", str(run), "--nfe", "2", option, other])
+    assert config()["times"] == {"2": [float(other[2:])]}
+    fewstep.main(["--method", name, *TINY, "--steps", "12", "--out", str(run), "--nfe", "2"])
+    assert config()["times"] == {"2": [float(other[2:])]} and torch.load(run / "ckpt.pt")["step"] == 12
+    wrong = ["--ratio", "0.25"] if name == "imf" else ["--cm-s1", "640"]
+    capsys.readouterr()  # the progress bars of the runs above
+    assert_refused(["--method", name, *TINY, "--steps", "13", "--out", str(run), *wrong], "trained with other", capsys)
