@@ -337,7 +337,9 @@ def nfe2_samples(run, *times):
     return np.stack([np.asarray(Image.open(run / "samples" / "nfe=2" / f"{i:04d}.png")) for i in range(8)])
 
 
-@pytest.mark.parametrize("name, option, other", [("imf", "--mf-times", "2:0.8")])  # cm: re-noising, see note
+# imf only: two --eval-only calls of a cm run at NFE 2 gave different images with the same grid (its re-noising),
+# so "the same grid gives the same images" cannot be asserted for cm yet.
+@pytest.mark.parametrize("name, option, other", [("imf", "--mf-times", "2:0.8")])
 def test_sampling_grids_given_at_eval_only_or_on_resume_replace_the_runs(name, option, other, tmp_path, capsys):
     """A time grid is an option of sampling alone: --eval-only with one samples on it (cm's and ctm's grids were
     silently ignored there once), a resumed run may change it and keeps it when it is not given, while the options
@@ -352,6 +354,6 @@ def test_sampling_grids_given_at_eval_only_or_on_resume_replace_the_runs(name, o
     assert config()["times"] == {"2": [float(other[2:])]}
     fewstep.main(["--method", name, *TINY, "--steps", "12", "--out", str(run), "--nfe", "2"])
     assert config()["times"] == {"2": [float(other[2:])]} and torch.load(run / "ckpt.pt")["step"] == 12
-    wrong = ["--ratio", "0.25"] if name == "imf" else ["--cm-s1", "640"]
     capsys.readouterr()  # the progress bars of the runs above
-    assert_refused(["--method", name, *TINY, "--steps", "13", "--out", str(run), *wrong], "trained with other", capsys)
+    assert_refused(["--method", name, *TINY, "--steps", "13", "--out", str(run), "--ratio", "0.25"],
+                   "trained with other", capsys)
