@@ -1595,11 +1595,20 @@ def fork_rng(device):
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
+def seed_sampling(seed, nfe, start):
+    """Seed the noise that a multistep sampler draws inside sample() (cm re-noises between its jumps, ctm with
+    gamma > 0 too) from (--seed, NFE, first sample of the batch) alone. Without it those draws came from whatever
+    state the global RNG was in (after training, or fresh at --eval-only), and two scorings of the same run on the
+    same grid gave different images. Call inside fork_rng(), so the training streams stay where they were."""
+    torch.manual_seed(seed * 1_000_003 + 7919 * nfe + start)
+
+
 def save_grid(method, ema, noise, nfes, path, cfg, device):
     """Rows: NFE n in nfes; columns: the same 8 fixed noises. Written as one PNG."""
     rows = []
     with torch.no_grad(), fork_rng(device), autocast(cfg, device):
         for n in nfes:
+            seed_sampling(cfg["seed"] + 1, n, 0)
             rows.append(method.sample(sampling_net(method, n, ema), noise.to(device), n).float().clamp(-1, 1).cpu())
     return data.save_grid(torch.cat(rows), path, nrow=len(noise))
 
@@ -1867,6 +1876,7 @@ def evaluate(out, cfg, method, ema, nfes, args, device, write_pngs=True, quiet=F
         with torch.no_grad(), fork_rng(device), autocast(cfg, device):
             for s in tqdm(range(0, n, bs), desc=f"sampling NFE {nfe}", leave=False, disable=quiet):
                 before = counter.calls
+                seed_sampling(args.seed, nfe, s)
                 x = method.sample(counter, noise[s:s + bs].to(device), nfe)
                 if counter.calls - before != nfe:  # the exact-NFE promise, checked on every batch
                     raise RuntimeError(f"{cfg['method']} made {counter.calls - before} network calls for NFE {nfe}")
