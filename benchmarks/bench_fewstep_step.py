@@ -9,6 +9,7 @@ under bf16 autocast with channels_last, as fewstep.py trains there.
 
 Usage:
     python benchmarks/bench_fewstep_step.py                                   # mnist preset, 28x28, batch 32, CPU
+    python benchmarks/bench_fewstep_step.py --arch tiny --batch-size 64 --methods rf imf imf-fd   # JVP or not
     python benchmarks/bench_fewstep_step.py --arch challenge --image-size 64 --channels 3 --batch-size 64 --device cuda
 """
 import argparse
@@ -33,7 +34,9 @@ def main(argv=None):
     p.add_argument("--channels", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--rounds", type=int, default=5, help="timed steps per method (after one warm-up step each)")
-    p.add_argument("--methods", nargs="+", default=list(fewstep.METHODS))
+    p.add_argument("--methods", nargs="+", default=list(fewstep.METHODS),
+                   help="methods of fewstep.METHODS; meanflow-fd and imf-fd: their du/dt by a finite difference "
+                        "(--jvp-fd-step 3e-3) instead of the JVP")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: torch's)")
     args = p.parse_args(argv)
@@ -57,7 +60,10 @@ def main(argv=None):
 
     runs = {}
     for name in args.methods:
-        method = fewstep.METHODS[name]()
+        base_name, fd = (name[:-3], True) if name in ("meanflow-fd", "imf-fd") else (name, False)
+        if base_name not in fewstep.METHODS:
+            p.error(f"unknown method {name!r}; choose from {', '.join(fewstep.METHODS)}, meanflow-fd, imf-fd")
+        method = fewstep.METHODS[base_name](**({"fd_step": 3e-3} if fd else {}))
         net = copy.deepcopy(base).train()
         ema = copy.deepcopy(base).eval().requires_grad_(False)
         if getattr(method, "teacher_methods", ()):
@@ -96,12 +102,12 @@ def main(argv=None):
           f"; preset {args.arch} {args.channels}x{args.image_size}x{args.image_size}, "
           f"{unet.count_parameters(base):,} parameters, batch {args.batch_size}, median of {args.rounds} steps")
     ref = statistics.median(runs["rf"][4]) if "rf" in runs else None
-    print(f"{'method':10s} {'s/step':>8s} {'it/s':>7s} {'x rf':>6s}")
+    print(f"{'method':11s} {'s/step':>8s} {'it/s':>7s} {'x rf':>6s}")
     for name, (*_, times) in runs.items():
         med = statistics.median(times)
-        print(f"{name:10s} {med:8.3f} {1 / med:7.2f} " + (f"{med / ref:6.2f}" if ref else "     -"))
+        print(f"{name:11s} {med:8.3f} {1 / med:7.2f} " + (f"{med / ref:6.2f}" if ref else "     -"))
     for name, why in skipped.items():
-        print(f"{name:10s} not timed: {why}")
+        print(f"{name:11s} not timed: {why}")
 
 
 if __name__ == "__main__":

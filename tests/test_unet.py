@@ -207,7 +207,7 @@ def test_every_preset_sees_its_time_and_its_second_scalar(name):
 
 def test_presets_forward_at_their_sizes():
     torch.manual_seed(0)
-    for name, batch in [("tiny", 3), ("mnist", 2), ("challenge", 1)]:
+    for name, batch in [("tiny", 3), ("small", 2), ("mnist", 2), ("challenge", 1)]:
         cfg = unet.PRESETS[name]
         net = unet.create(name).eval()
         x = torch.randn(batch, cfg["in_channels"], cfg["image_size"], cfg["image_size"])
