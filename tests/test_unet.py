@@ -315,7 +315,7 @@ def test_clear_errors():
         net(torch.randn(1, 3, 28, 28), torch.rand(1))
     with pytest.raises(ValueError, match=r"shape \(B,\)"):
         net(torch.randn(2, 1, 28, 28), torch.rand(3))
-    with pytest.raises(ValueError, match="tiny, mnist, challenge, adm-ffhq256"):
+    with pytest.raises(ValueError, match="tiny, small, mnist, challenge, adm-ffhq256"):
         unet.create("cifar")
     with pytest.raises(ValueError, match="pixel sizes"):
         unet.create("tiny", attention_resolutions=(4,))  # a downsampling factor, not a size
