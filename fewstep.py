@@ -485,6 +485,17 @@ class MeanFlow:
         return cfg
 
     @property
+    def report_summary(self):
+        """The report's Method paragraph: the class summary, and how this run computes du/dt where it is not the
+        JVP that the summary (the papers' way) describes."""
+        if not self.fd_step:
+            return self.summary
+        return (self.summary + f" This run computes du/dt by a central finite difference instead of the JVP "
+                f"along the same tangent (dx/dt, 1, 0) (--jvp-fd-step {self.fd_step:g}, this project's option): "
+                f"[u(x_t + h dx/dt, t + h, s) - u(x_t - h dx/dt, t - h, s)] / 2h with h = {self.fd_step:g}, one "
+                f"forward without a graph.")
+
+    @property
     def uses_jvp(self):
         """The loss differentiates the network forward-mode (see --compile in train()); the finite difference does
         not, and forward-mode AD is what keeps --compile (and fused attention kernels) away."""
@@ -1967,7 +1978,7 @@ def write_report(out, cfg, method, state):
     grids = sorted((out / "grids").glob("step*.png"))
     early = grids[:4] + grids[-1:] if len(grids) > 5 else grids
     lines = [f"# {cfg['method']} on {cfg['data']}: few-step generation report", "",
-             "## Method", "", method.summary, "",
+             "## Method", "", getattr(method, "report_summary", method.summary), "",
              f"Hyperparameters of the method: `{json.dumps(cfg['method_args'])}`. Network: "
              + (f"the course's U-Net (`src/network.py`, `UNet(**{json.dumps(cfg['net']['kwargs'])})`, unmodified)"
                 if cfg.get("net") else f"unet.py preset `{cfg['arch']}`") +
@@ -2459,9 +2470,19 @@ def positive_float(s):
     return x
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each option's default, except where it would mislead: None means "not given" (the help text
+    names what then applies: a new run's default, or the resumed run's own), a flag's default is its absence, and
+    a help text that states its default already should not get a second one."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.nargs == 0 or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)} (default: rf, or the run's)")
     p.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4], help="NFEs to sample and score")
     p.add_argument("--data", default=None, help="simpsons | mnist | mnist5k | folder:PATH (default simpsons, "

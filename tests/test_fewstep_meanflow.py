@@ -269,6 +269,14 @@ def test_bad_hyperparameters_are_user_errors(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("cls", [MeanFlow, ImprovedMeanFlow])
+def test_the_report_says_how_the_run_computed_du_dt(cls):
+    # report.md's Method paragraph: the papers' JVP unless --jvp-fd-step was given, then the difference and its h.
+    assert cls().report_summary == cls.summary and "finite difference" not in cls.summary
+    fd = cls(fd_step=3e-3).report_summary
+    assert fd.startswith(cls.summary) and "central finite difference" in fd and "--jvp-fd-step 0.003" in fd
+
+
 def full_batch_loss(method, net, x1, x0, seed):
     """The loss as the papers' Algorithm 1 writes it, written out here: one JVP over the whole batch (rows with
     s = t included, where (s - t) du/dt vanishes), no reordering; the same (t, s) draws as method.loss."""
