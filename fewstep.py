@@ -2034,9 +2034,10 @@ def write_report(out, cfg, method, state):
 # The challenge fixes the network: class UNet of src/network.py in the student's checkout of the course's base code,
 # forward(x, timestep, condition=None). It is imported from that checkout at run time (nothing of it lives here).
 # Every method feeds it what it feeds unet.py: timestep = 1000 t (TIME_SCALE) and condition = 1000 * the second
-# scalar (meanflow and imf: t and s - t unscaled, see MeanFlow). The course embeds timestep with GLIDE's sinusoidal embedding (max_period 10000, no rescaling of its
-# input), made for DDPM's integer steps 0..999 (its template's num_train_timesteps = 1000), so [0, 1000] is the
-# range its frequencies were chosen for. The official sampling.py then loads a submission as
+# scalar (meanflow and imf: t and s - t unscaled, see MeanFlow). The course embeds timestep with GLIDE's sinusoidal
+# embedding (max_period 10000, no rescaling of its input), made for DDPM's integer steps 0..999 (its template's
+# num_train_timesteps = 1000), so [0, 1000] is the range its frequencies were chosen for. The official sampling.py
+# then loads a submission as
 #   model = create_custom_model(device=device, **json.load(checkpoints/model_config.json))
 #   model.load_state_dict(torch.load(checkpoints/best_model.pt)["state_dict"])
 #   model.sample((B, 3, 64, 64), num_inference_timesteps=nfe, verbose=False) -> [-1, 1], written as PNGs

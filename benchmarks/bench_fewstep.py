@@ -1,14 +1,14 @@
 """Every few-step method of fewstep.py side by side at equal compute, scored the challenge's way.
 
 Each method of fewstep.METHODS trains for the same wall-clock budget (--minutes) on mnist5k (train = even rows,
-scored against the odd rows) with one preset and one set of training options, then is scored at NFE 1, 2, 4 with
---num-samples samples each (fid.py, clean mode). A method that learns from a trained run gets one shared `rf`
-teacher of --teacher-minutes, and trains itself for the rest of the budget (minutes - teacher minutes), so that
-teacher plus student cost what every other method costs; the teacher's minutes are shown in their own column. As
-references: the shared teacher itself at NFE 1, 2, 4 (what the distillers start from, at half the budget), `rf`
-sampled with 100 Euler steps (the many-step quality at the same budget) and the data floor, the
-FID of 1,000 real training digits (100 per class) against the same held-out half, i.e. real images at the sample
-size of a generated set.
+scored against the odd rows) with one preset (--arch, unless BUDGET_ARGS gives a method its own) and one set of
+training options, then is scored at NFE 1, 2, 4 with --num-samples samples each (fid.py, clean mode). A method
+that learns from a trained run gets one shared `rf` teacher of --teacher-minutes, and trains itself for the rest
+of the budget (minutes - teacher minutes), so that teacher plus student cost what every other method costs; the
+teacher's minutes are shown in their own column. As references: the shared teacher itself at NFE 1, 2, 4 (what
+the distillers start from, at half the budget), `rf` sampled with 100 Euler steps (the many-step quality at the
+same budget) and the data floor, the FID of 1,000 real training digits (100 per class) against the same held-out
+half, i.e. real images at the sample size of a generated set.
 
 The spread of a 1,000-sample FID, printed with the table so that a reader knows which differences mean something:
 the rf run re-sampled with --spread-seeds other sampling seeds at NFE 1 and 4, and rf trained again from
