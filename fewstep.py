@@ -433,7 +433,7 @@ class MeanFlow:
     Finite difference (fd_step = h > 0, this project's option, not the papers'): du/dt is only ever used stopped
     from the gradient, so it needs no graph and no forward-mode AD; a central difference along (v, 1, 0) costs one
     no-grad forward of 2n rows instead of a JVP, and the prediction is then one forward of the whole batch. Error
-    O(h^2) + O(eps / h), about 1e-4 relative at h = 3e-3 on the tiny U-Net (finite_difference_derivative). Without
+    O(h^2) + O(eps / h), 1.3e-4 relative at h = 3e-3 on the tiny U-Net (measured: finite_difference_derivative). Without
     forward-mode AD, --compile, DDP's plain path and fused attention kernels all apply.
     """
 

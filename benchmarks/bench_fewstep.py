@@ -59,7 +59,7 @@ BUDGET_ARGS = {
     "reflow": "--num-pairs 2000 --teacher-steps 16",
     # iCT's discretisation curriculum must reach its end within the run: about 700 steps fit 10 minutes on the
     # slower machines (870 cm steps); a faster one makes ~1,600, and a curriculum over 1,500 scored no better
-    # (README, tenth sitting). The step counts below are sized the same way.
+    # (README, tenth sitting). pd's rounds below are sized the same way.
     "cm": "--cm-total-steps 700",
     # 17 teacher Heun steps per target make a step ~7x an rf step; 4 leave a few hundred steps in the budget.
     "ctm": "--ctm-heun-steps 4",
