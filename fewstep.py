@@ -421,7 +421,7 @@ class MeanFlow:
     (per-pixel error 1.8 -> 43 for meanflow, 1.8 -> 12 for imf) and trains with 1 (1.8 -> 1.0 and 0.57).
     In between, 30 suits a narrow embedding: the tiny preset's 16-wide one turns at most 1 radian over t in [0, 1]
     at time_scale 1, nearly linear in t, and imf at 10 minutes on mnist5k (finite-difference du/dt) scored better
-    at every NFE with 30 (README, eleventh sitting: NFE 4 35.65 -> 31.0), which the benchmark gives it; the
+    at NFE 2 and 4 with 30, level at NFE 1 (README, eleventh sitting: NFE 4 35.65 -> 31.0), the benchmark's; the
     default stays the papers' 1 (wider presets and the exact JVP were not measured at 30).
     Sampling (Alg. 2): NFE n on the uniform grid t_k = k / n, x_{k+1} = x_k + (1/n) u(x_k, t_k, t_{k+1}); any
     other grid is a valid sampler of the same network (the identity holds for every (t, s)): --mf-times 2:T gives

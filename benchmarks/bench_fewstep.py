@@ -72,8 +72,8 @@ BUDGET_ARGS = {
     # gradient to 3e-5 relative, half the cost of a step on the CPU): twice the steps in the same minutes (README,
     # ninth sitting). The network sees 30 t and 30 (s - t) (--mf-time-scale 30): the tiny preset's 16-wide
     # sinusoidal embedding of t itself turns at most 1 radian over [0, 1], nearly linear in t; at 30 its fastest
-    # components turn 30 and 9.5 radians. Same steps, better at every NFE (NFE 4 35.65 -> 31.0; 10 and 100 in
-    # between and level: README, eleventh sitting).
+    # components turn 30 and 9.5 radians. Same steps, better at NFE 2 and 4, level at NFE 1 (NFE 4 35.65 -> 31.0;
+    # 10 in between, 100 level: README, eleventh sitting).
     "imf": "--arch tiny --jvp-fd-step 3e-3 --mf-time-scale 30",
     # meanflow: the same two changes for the same reason. Its exact-JVP step on the tiny preset costs 3.9 rf steps
     # and the finite-difference one 1.7 (0.339 / 0.149 against 0.087 s: README's MeanFlow section), and at 30
