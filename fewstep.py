@@ -2546,7 +2546,7 @@ def parse_args(argv=None):
     g.add_argument("--adaptive-c", type=float, default=None, help="meanflow/imf: adaptive weight c (1e-3 / 0.01)")
     g.add_argument("--mf-time-scale", type=float, default=None,
                    help="meanflow/imf: the network sees this times t and s - t (default 1; the other methods 1000; "
-                        "30 scored better on the tiny preset, README)")
+                        "imf on the tiny preset scored better with 30, README)")
     g.add_argument("--mf-times", nargs="+", default=None, metavar="NFE:T1,...",
                    help="meanflow/imf: sampling grid of an NFE, e.g. 2:0.6 (default k/NFE); works with --eval-only")
     g.add_argument("--grid-share", type=float, default=None,
