@@ -107,9 +107,9 @@ def test_finite_difference_loss_and_gradient_match_the_exact_jvp_without_calling
     """The tiny U-Net, fd_step 3e-3: loss and gradient within 1e-3 of the papers' whole-batch JVP loss
     (full_batch_loss, torch.func.jvp), and no forward-mode AD runs; at the default time scale and at the
     benchmark's 30 for imf, where the embedding's fastest component turns 30 times faster in t. Measured: at most
-    6e-7 (loss) and 3e-5 (gradient) at 1, 6e-6 and 1.4e-4 at 30 (meanflow; imf 6e-8 and 3.5e-5). Dropping du/dt altogether moves the gradient by far more than the tolerance
-    (the gradient, not the loss: with iMF's adaptive weight, p = 1, the loss is ||e||^2 / (||e||^2 + c), about 1
-    whatever e is)."""
+    6e-7 (loss) and 3e-5 (gradient) at 1, 6e-6 and 1.4e-4 at 30 (meanflow; imf 6e-8 and 3.5e-5). Dropping du/dt
+    altogether moves the gradient by far more than the tolerance (the gradient, not the loss: with iMF's adaptive
+    weight, p = 1, the loss is ||e||^2 / (||e||^2 + c), about 1 whatever e is)."""
     net = weighted_tiny_unet()
     x1, x0 = torch.randn(16, 1, 28, 28).clamp(-1, 1), torch.randn(16, 1, 28, 28)
     ref_loss, ref_grad = loss_and_grad(lambda: full_batch_loss(cls(time_scale=time_scale), net, x1, x0, seed=3)[0],
