@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 import data
 import fid
+import rundir
 import unet
 
 TIME_SCALE = 1000.0  # the net sees TIME_SCALE * t for t in [0, 1]
@@ -214,76 +215,31 @@ def sample(net, n, solver="euler", steps=20, rtol=1e-4, atol=1e-4, batch_size=25
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------
-class NonFiniteLossError(FloatingPointError):
-    pass
-
-
 def load_training_images(spec):
     """uint8 (N, 1, 28, 28); a failed MNIST download says how to run offline (data.DatasetUnavailable)."""
     return data.load(spec, split="train", image_size=28, channels=1)
 
 
-def read_metrics(out):
-    path = pathlib.Path(out) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_loss(out, steps_per_epoch):
-    """RUN/loss.png: per-iteration loss (and its running mean) and the mean loss of each full epoch."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    by_step = {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}  # last record of a step wins
-    steps = np.array(sorted(by_step))
-    if len(steps) == 0:
-        return None
-    losses = np.array([by_step[s] for s in steps])
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax1.plot(steps, losses, lw=0.5, alpha=0.4, label="per iteration")
-    k = max(1, min(100, len(losses) // 10))
-    ax1.plot(steps[k - 1:], np.convolve(losses, np.ones(k) / k, mode="valid"), lw=1.5, label=f"mean of {k}")
-    ax1.set(xlabel="step", ylabel="CFM loss", yscale="log", title="per iteration")
-    ax1.legend()
-    n_epochs = int(steps[-1]) // steps_per_epoch
-    epoch_loss = [np.mean([by_step[s] for s in range(e * steps_per_epoch + 1, (e + 1) * steps_per_epoch + 1)
-                           if s in by_step]) for e in range(n_epochs)]
-    ax2.plot(np.arange(1, n_epochs + 1), epoch_loss, "o-", ms=3)
-    ax2.set(xlabel=f"epoch ({steps_per_epoch} steps)", ylabel="mean CFM loss", yscale="log", title="per epoch")
-    fig.tight_layout()
-    path = pathlib.Path(out) / "loss.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def params_finite(model):
-    return all(torch.isfinite(p).all() for p in model.parameters())
-
-
 def train(args):
-    out = data.make_out_dir(args.out)
-    device = data.get_device(args.device)
+    out = rundir.make_out_dir(args.out)
+    device = rundir.get_device(args.device)
     ckpt_path = out / "ckpt.pt"
-    config = {"method": "cfm", "data": args.data, "preset": args.preset, "sigma_min": args.sigma_min, "batch_size": args.batch_size,
-              "lr": args.lr, "ema_decay": args.ema_decay, "grad_clip": args.grad_clip, "seed": args.seed,
-              "time_scale": TIME_SCALE, "unet": dict(unet.PRESETS[args.preset])}
-    if not 0.0 <= args.ema_decay < 1.0:
-        raise data.UsageError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    config = {"method": "cfm", "data": args.data, "preset": args.preset, "sigma_min": args.sigma_min,
+              "batch_size": args.batch_size, "lr": args.lr, "ema_decay": args.ema_decay, "grad_clip": args.grad_clip,
+              "seed": args.seed, "time_scale": TIME_SCALE, "unet": dict(unet.PRESETS[args.preset])}
     fm = ConditionalFlowMatcher(config["sigma_min"])  # checks sigma_min before any work
     state = None
     if ckpt_path.exists():
-        state = data.load_checkpoint(ckpt_path)
-        data.check_run_method(state, "cfm", ckpt_path)
+        state = rundir.load_checkpoint(ckpt_path)
+        rundir.check_run_method(state, "cfm", ckpt_path)
         for key in ("data", "preset", "sigma_min", "batch_size"):  # what defines the run; budgets may change
             if state["config"][key] != config[key]:
-                raise data.UsageError(f"{ckpt_path} was trained with {key}={state['config'][key]!r}, this command asks "
-                                 f"for {config[key]!r}. Use a new --out, or the original value to resume.")
+                raise rundir.UsageError(f"{ckpt_path} was trained with {key}={state['config'][key]!r}, this "
+                                        f"command asks for {config[key]!r}. Use a new --out, or the original value "
+                                        f"to resume.")
         config = dict(state["config"], method="cfm", lr=args.lr, ema_decay=args.ema_decay, grad_clip=args.grad_clip)
 
-    data.seed_everything(args.seed)
+    rundir.seed_everything(args.seed)
     images = load_training_images(config["data"])  # uint8 (N, 1, 28, 28)
     steps_per_epoch = math.ceil(len(images) / config["batch_size"])
     config["steps_per_epoch"] = steps_per_epoch
@@ -299,12 +255,13 @@ def train(args):
         for group in opt.param_groups:
             group["lr"] = config["lr"]
         step = state["step"]
-        data.set_rng_state(state["rng"])
+        rundir.set_rng_state(state["rng"])
         # Forget losses logged after the checkpoint (a crash between checkpoints): they will be redone.
-        kept = [r for r in read_metrics(out) if r.get("step", 0) <= step]
-        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        metrics = out / "metrics.jsonl"
+        kept = [r for r in rundir.read_metrics(out) if r.get("step", 0) <= step] if metrics.exists() else []
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
         print(f"resuming {ckpt_path} at step {step}")
-    data.write_config(out, config)
+    rundir.write_config(out, config)
     print(f"cfm_mnist: {unet.count_parameters(net):,} parameters, {len(images)} images ({config['data']}), "
           f"{steps_per_epoch} steps per epoch, device {device}")
 
@@ -314,12 +271,13 @@ def train(args):
     grid_noise_gen = torch.Generator().manual_seed(args.seed)  # same noise for every grid: progress is comparable
 
     def save():
-        if not params_finite(net):  # never let NaN weights replace the last good checkpoint
-            raise NonFiniteLossError(f"weights are not finite at step {step}; {ckpt_path} kept as it was")
-        data.save_checkpoint(ckpt_path, {"model": net.state_dict(), "ema": ema.state_dict(),
-                                         "optimizer": opt.state_dict(), "step": step, "rng": data.rng_state(),
-                                         "config": config})
-        plot_loss(out, steps_per_epoch)
+        if not all(torch.isfinite(p).all() for p in net.parameters()):  # NaN weights never replace a good ckpt.pt
+            raise rundir.NonFiniteLoss(f"weights are not finite at step {step}; {ckpt_path} kept as it was")
+        rundir.save_checkpoint(ckpt_path, {"model": net.state_dict(), "ema": ema.state_dict(),
+                                           "optimizer": opt.state_dict(), "step": step, "rng": rundir.rng_state(),
+                                           "config": config})
+        if step > 0 and (out / "metrics.jsonl").exists():  # no loss yet if the time ran out before the first step
+            rundir.plot_metrics(out)
         if args.grid:
             grid_noise_gen.manual_seed(args.seed)
             imgs, _ = sample(ema, 64, "euler", 20, generator=grid_noise_gen, device=device, progress=False)
@@ -333,12 +291,11 @@ def train(args):
     while step < args.steps and time.time() < deadline:
         x1 = next(batches)  # (B, 1, 28, 28) in [-1, 1]
         loss = fm.loss(net, x1)
-        if not torch.isfinite(loss):
+        try:
+            rundir.check_finite(loss, step + 1, ckpt_path, config["lr"])  # before the step: ckpt.pt stays good
+        except rundir.NonFiniteLoss:
             bar.close()
-            raise NonFiniteLossError(
-                f"loss is {loss.item()} at step {step + 1}: training stopped. The last good checkpoint {ckpt_path} "
-                f"(step {state_step(ckpt_path)}) is untouched. Lower --lr (now {config['lr']}) or --grad-clip and "
-                f"rerun to resume from it.")
+            raise
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if config["grad_clip"] > 0:
@@ -348,7 +305,7 @@ def train(args):
         # EMA with the usual warm-up (decay grows from 0.1 towards ema_decay) so short runs are not dominated by
         # the random initial weights.
         unet.ema_update(ema, net, min(config["ema_decay"], (1 + step) / (10 + step)))
-        data.log_metrics(out, {"step": step, "loss": loss.item()})
+        rundir.log_metrics(out, {"step": step, "loss": loss.item()})
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", epoch=step // steps_per_epoch)
         if step % args.ckpt_every == 0 or time.time() - last_save > 60.0 * args.ckpt_minutes:
@@ -362,13 +319,6 @@ def train(args):
     return step
 
 
-def state_step(ckpt_path):
-    """Step stored in a checkpoint, or 'none yet' (used in the NaN message)."""
-    if not pathlib.Path(ckpt_path).exists():
-        return "none yet"
-    return data.load_checkpoint(ckpt_path)["step"]
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling and FID from a run directory
 # ----------------------------------------------------------------------------------------------------------------
@@ -376,17 +326,17 @@ def sample_main(args):
     out = pathlib.Path(args.out)
     ckpt_path = out / "ckpt.pt"
     if not ckpt_path.exists():
-        raise data.MissingFileError(f"no checkpoint at {ckpt_path}; train first: python cfm_mnist.py train --out "
-                                    f"{out}")
+        raise rundir.MissingFileError(f"no checkpoint at {ckpt_path}; train first: python cfm_mnist.py train --out "
+                                      f"{out}")
     check_solver(args.solver, args.steps)
-    device = data.get_device(args.device)
-    state = data.load_checkpoint(ckpt_path)
-    data.check_run_method(state, "cfm", ckpt_path, allow_raw=False)  # a ddpm eps-net is no velocity field
+    device = rundir.get_device(args.device)
+    state = rundir.load_checkpoint(ckpt_path)
+    rundir.check_run_method(state, "cfm", ckpt_path, allow_raw=False)  # a ddpm eps-net is no velocity field
     config = state["config"]
     net = unet.UNetModel(**config["unet"])
     unet.load_state_dict_checked(net, state["ema"] if args.ema else state["model"])
     net = net.to(device).eval()
-    data.make_out_dir(out)  # the grid and eval.jsonl go there
+    rundir.make_out_dir(out)  # the grid and eval.jsonl go there
     if args.fid:  # weights and reference first: a mistake there ends the command before minutes of sampling
         ref = fid.reference_for(args.fid_ref, config["data"], out, args.fid_ref_n, image_size=28, channels=1)
     n = max(args.n, args.fid)  # the grid shows the first 64 of the samples that FID scores
@@ -415,31 +365,6 @@ def sample_main(args):
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------------------
-def positive_int(s):
-    try:
-        n = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}")
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
-
-
-def positive_float(s):
-    x = float(s)
-    if not x > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
-    return x
-
-
-def data_spec(s):
-    """argparse type of --data: a dataset name data.load knows, checked before anything is written."""
-    if not data.is_dataset_spec(s):
-        raise argparse.ArgumentTypeError(f"unknown dataset {s!r}; use one of {', '.join(data.DATASETS)} or "
-                                         f"folder:PATH")
-    return s
-
-
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -449,27 +374,29 @@ def build_parser():
     common.add_argument("--seed", type=int, default=0)
 
     t = sub.add_parser("train", parents=[common], help="train (or resume) a velocity net with the CFM loss")
-    t.add_argument("--data", default="mnist", type=data_spec, help="mnist | mnist5k | folder:PATH (28x28 grayscale)")
+    t.add_argument("--data", default="mnist", type=data.data_spec,
+                   help="mnist | mnist5k | folder:PATH (28x28 grayscale)")
     t.add_argument("--arch", "--preset", dest="preset", default="mnist", choices=sorted(unet.PRESETS),
                    help="unet.py preset (tiny for quick tests); --arch as in ddpm.py")
-    t.add_argument("--sigma-min", type=float, default=0.0)
-    t.add_argument("--batch-size", type=positive_int, default=128)
-    t.add_argument("--lr", type=positive_float, default=5e-4)
-    t.add_argument("--ema-decay", type=float, default=0.999)
-    t.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off")
-    t.add_argument("--steps", type=positive_int, default=20000, help="total training steps (across resumes)")
-    t.add_argument("--minutes", type=positive_float, default=None, help="stop this invocation after this wall time")
-    t.add_argument("--ckpt-every", type=positive_int, default=2000, help="checkpoint every N steps ...")
-    t.add_argument("--ckpt-minutes", type=positive_float, default=5.0, help="... or every M minutes")
+    t.add_argument("--sigma-min", type=rundir.below_one_arg, default=0.0)
+    t.add_argument("--batch-size", type=rundir.positive_int, default=128)
+    t.add_argument("--lr", type=rundir.positive_float, default=5e-4)
+    t.add_argument("--ema-decay", type=rundir.below_one_arg, default=0.999)
+    t.add_argument("--grad-clip", type=rundir.non_negative_float, default=1.0, help="max gradient norm, 0 = off")
+    t.add_argument("--steps", type=rundir.positive_int, default=20000, help="total training steps (across resumes)")
+    t.add_argument("--minutes", type=rundir.positive_float, default=None,
+                   help="stop this invocation after this wall time")
+    t.add_argument("--ckpt-every", type=rundir.positive_int, default=2000, help="checkpoint every N steps ...")
+    t.add_argument("--ckpt-minutes", type=rundir.positive_float, default=5.0, help="... or every M minutes")
     t.add_argument("--no-grid", dest="grid", action="store_false", help="skip the 8x8 sample grid at checkpoints")
 
     s = sub.add_parser("sample", parents=[common], help="sample a trained run, optionally with FID")
     s.add_argument("--solver", default="euler", choices=SOLVERS)
-    s.add_argument("--steps", type=positive_int, default=20, help="steps of a fixed-step solver")
-    s.add_argument("--rtol", type=positive_float, default=1e-4, help="adaptive solver relative tolerance")
-    s.add_argument("--atol", type=positive_float, default=1e-4, help="adaptive solver absolute tolerance")
-    s.add_argument("--n", type=positive_int, default=64, help="samples to draw for the grid (at least --fid N)")
-    s.add_argument("--batch-size", type=positive_int, default=250)
+    s.add_argument("--steps", type=rundir.positive_int, default=20, help="steps of a fixed-step solver")
+    s.add_argument("--rtol", type=rundir.positive_float, default=1e-4, help="adaptive solver relative tolerance")
+    s.add_argument("--atol", type=rundir.positive_float, default=1e-4, help="adaptive solver absolute tolerance")
+    s.add_argument("--n", type=rundir.positive_int, default=64, help="samples to draw for the grid (at least --fid N)")
+    s.add_argument("--batch-size", type=rundir.positive_int, default=250)
     s.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights instead of the EMA")
     fid.add_arguments(s)
     return p
@@ -478,12 +405,9 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "train":
-        try:
-            return train(args)
-        except NonFiniteLossError as e:
-            raise SystemExit(f"cfm_mnist.py: {e}")
+        return train(args)
     return sample_main(args)
 
 
 if __name__ == "__main__":
-    data.run_cli(main)  # a user's mistake (data.UsageError): one line, exit status 2; a bug: a traceback
+    rundir.run_cli(main)  # a user's mistake or a NaN loss: one line, exit status 2; a bug: a traceback

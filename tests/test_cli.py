@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+import rundir
 import unet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,6 +91,10 @@ CASES = [
     ("fid.py", ["no_such_dir", "imgs"], {}, "no_such_dir is neither a folder nor an .npz"),
     ("fid.py", ["imgs", "--save-stats", "afile/x.npz"], {}, "cannot write to --save-stats"),
     ("sde_toy.py", ["--out", "afile/sub"], {}, "cannot write to --out"),
+    ("sde_toy.py", ["--out", "r", "--particles", "0"], {}, "argument --particles: must be >= 1, got 0"),
+    ("ddim.py", RAW + ["--adm-config", "{not json", "--out", "o"], {}, "argument --adm-config: not valid JSON"),
+    ("cfm_mnist.py", ["train", "--data", "mnist5k", "--ema-decay", "1", "--out", "r"], {},
+     "argument --ema-decay: must be in [0, 1), got 1"),
     ("data.py", ["nonexistent"], {}, "unknown dataset 'nonexistent'"),
     ("data.py", ["mnist5k", "--out", "afile/sub/x.png"], {}, "cannot write to --out"),
 ]
@@ -104,7 +108,7 @@ cases, results = json.loads(sys.argv[1]), []
 for path, args, extra in cases:
     environ = dict(os.environ)
     os.environ.update(extra)
-    sys.argv = [os.path.basename(path), *args]  # argparse and data.run_cli name the script from argv[0]
+    sys.argv = [os.path.basename(path), *args]  # argparse and rundir.run_cli name the script from argv[0]
     out, err, code = io.StringIO(), io.StringIO(), 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -167,10 +171,10 @@ def test_bad_input_exits_2_with_one_line_and_no_traceback(results, i):
 
 def test_run_cli_exit_status_and_bugs(capsys):
     def user_mistake():
-        raise data.UsageError("first line\n  second line of the same message")
+        raise rundir.UsageError("first line\n  second line of the same message")
 
     with pytest.raises(SystemExit) as e:
-        data.run_cli(user_mistake, prog="x.py")
+        rundir.run_cli(user_mistake, prog="x.py")
     assert e.value.code == 2
     assert capsys.readouterr().err == "x.py: error: first line second line of the same message\n"
 
@@ -178,4 +182,4 @@ def test_run_cli_exit_status_and_bugs(capsys):
         raise KeyError("a bug")
 
     with pytest.raises(KeyError):  # anything that is not a UsageError keeps its traceback
-        data.run_cli(bug, prog="x.py")
+        rundir.run_cli(bug, prog="x.py")

@@ -1,14 +1,14 @@
-"""Tests for data.py: IDX parsing, downloads against a local HTTP server, the dataset loaders, image helpers and the
-run-directory conventions. No network: every URL points at 127.0.0.1. Expected values are built independently
-in the tests (hand-written IDX bytes, hashlib digests, solid-colour images, the published MNIST pixel mean)."""
+"""Tests for data.py: IDX parsing, downloads against a local HTTP server, the dataset loaders and image helpers
+(run directories: tests/test_rundir.py). No network: every URL points at 127.0.0.1. Expected values are built
+independently in the tests (hand-written IDX bytes, hashlib digests, solid-colour images, the published MNIST pixel
+mean)."""
 
+import argparse
 import functools
 import gzip
 import hashlib
 import importlib.util
 import io
-import json
-import random
 import struct
 import threading
 import zipfile
@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 import data
+import rundir
 
 BAD_URL = "http://127.0.0.1:1/x"  # port 1: connection refused at once, no network needed
 
@@ -319,6 +320,19 @@ def test_mnist5k_missing_package(monkeypatch):
 def test_unknown_spec():
     with pytest.raises(ValueError, match="unknown dataset"):
         data.load("cifar10")
+    assert data.data_spec("mnist5k") == "mnist5k" and data.data_spec("folder:x") == "folder:x"
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown dataset 'cifar10'"):
+        data.data_spec("cifar10")
+
+
+def test_errors_are_rundir_usage_errors_and_defined_once():
+    """data.py's own errors are user errors that rundir.run_cli prints in one line; the run-directory toolbox lives
+    in rundir.py only (data.py does not re-export it)."""
+    assert issubclass(data.DatasetUnavailable, rundir.UsageError)
+    for name in ("UsageError", "MissingFileError", "CheckpointError", "DeviceUnavailable", "get_device",
+                 "make_out_dir", "run_cli", "save_checkpoint", "load_checkpoint", "rng_state", "write_config",
+                 "log_metrics", "plot_metrics", "write_atomic", "seed_everything"):
+        assert not hasattr(data, name), name
 
 
 # ---------------------------------------------------------------------------------------------------- image helpers
@@ -375,96 +389,6 @@ def test_save_grid_enlarges_small_images_keeping_pixel_values(tmp_path):
             assert np.array_equal(big[dy::s, dx::s], small)
     assert set(np.unique(big)) == set(np.unique(small)) and len(np.unique(small)) > 100
     assert Image.open(data.save_grid(torch.zeros(2, 3, 128, 128), tmp_path / "l.png")).size == (2 * 130 + 2, 132)
-
-
-# ---------------------------------------------------------------------------------------------------- run directory
-
-def test_atomic_checkpoint_survives_crash(tmp_path, monkeypatch):
-    path = tmp_path / "run" / "ckpt.pt"
-    data.save_checkpoint(path, {"step": 1, "w": torch.arange(1000.0)})
-    real_save = torch.save
-
-    def crash_halfway(obj, f, *args, **kwargs):
-        buf = io.BytesIO()
-        real_save(obj, buf)
-        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
-        f.flush()
-        raise KeyboardInterrupt("simulated kill mid-write")
-
-    monkeypatch.setattr(torch, "save", crash_halfway)
-    with pytest.raises(KeyboardInterrupt):
-        data.save_checkpoint(path, {"step": 2, "w": torch.zeros(1000)})
-    monkeypatch.setattr(torch, "save", real_save)
-    ckpt = data.load_checkpoint(path)
-    assert ckpt["step"] == 1 and torch.equal(ckpt["w"], torch.arange(1000.0))
-    assert [p.name for p in path.parent.iterdir()] == ["ckpt.pt"]  # no temp file left behind
-
-    data.save_checkpoint(path, {"step": 2})
-    assert data.load_checkpoint(path)["step"] == 2
-
-
-def test_load_checkpoint_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothere.pt"):
-        data.load_checkpoint(tmp_path / "nothere.pt")
-    good = tmp_path / "good.pt"
-    data.save_checkpoint(good, {"w": torch.ones(10_000)})
-    bad = tmp_path / "truncated.pt"
-    bad.write_bytes(good.read_bytes()[:5000])
-    with pytest.raises(data.CheckpointError, match="truncated.pt"):
-        data.load_checkpoint(bad)
-    unsafe = tmp_path / "unsafe.pt"
-    torch.save({"f": functools.partial(print)}, unsafe)  # an arbitrary Python object
-    with pytest.raises(data.CheckpointError, match="weights_only"):
-        data.load_checkpoint(unsafe)
-
-
-def test_rng_state_round_trip(tmp_path):
-    data.seed_everything(0)
-    np.random.standard_normal(), random.gauss(0, 1)  # leave a cached Gaussian in numpy and python
-
-    def draw():
-        return (torch.rand(4).tolist(), torch.randn(2).tolist(), np.random.rand(3).tolist(),
-                np.random.standard_normal(3).tolist(), [random.random(), random.gauss(0, 1), random.randint(0, 99)])
-
-    data.save_checkpoint(tmp_path / "ckpt.pt", {"rng": data.rng_state()})
-    first = draw()
-    data.seed_everything(123)
-    draw()
-    data.set_rng_state(data.load_checkpoint(tmp_path / "ckpt.pt")["rng"])  # through weights_only=True
-    assert draw() == first
-
-
-def test_config_metrics_and_plot(tmp_path):
-    data.write_config(tmp_path, {"lr": 1e-4, "mult": (1, 2), "out": tmp_path, "device": torch.device("cpu")})
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg == {"lr": 1e-4, "mult": [1, 2], "out": str(tmp_path), "device": "cpu"}
-    for step in range(0, 100):
-        data.log_metrics(tmp_path, {"step": step, "loss": torch.tensor(1.0 / (step + 1)), "gap": np.float32(-step)})
-    data.log_metrics(tmp_path, {"step": 50, "loss": 0.5})  # a resumed run logs step 50 again
-    records = data.read_metrics(tmp_path)
-    assert [r["step"] for r in records] == list(range(100)) and records[50]["loss"] == 0.5
-    path = data.plot_metrics(tmp_path)
-    assert path == tmp_path / "loss.png" and Image.open(path).size[0] > 100
-    both = data.plot_metrics(tmp_path, keys=("loss", "gap"), path=tmp_path / "both.png")  # negative: linear scale
-    assert Image.open(both).size[1] > Image.open(path).size[1]
-    with pytest.raises(ValueError, match="none of the asked keys"):
-        data.plot_metrics(tmp_path, keys=("fid",))
-
-
-def test_log_scale_only_for_positive_series_spanning_a_decade():
-    assert data.log_scale_suits([1.9, 0.8, 0.19])  # a falling loss: 10x between its ends
-    assert not data.log_scale_suits([1.9, 0.8, 0.2])  # 9.5x: one decade is not spanned, linear
-    assert not data.log_scale_suits(1 - 1e-5 * np.arange(100))  # imf's weighted loss: near-constant, linear
-    assert not data.log_scale_suits([5.0, -1.0, 0.01]) and not data.log_scale_suits([0.0, 1.0])  # not positive
-    assert not data.log_scale_suits([])
-
-
-def test_get_device():
-    assert data.get_device("cpu") == torch.device("cpu")
-    assert data.get_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="--device cpu"):
-            data.get_device("cuda")
 
 
 def test_mnist5k_even_odd_halves_are_class_balanced_and_disjoint():

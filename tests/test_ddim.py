@@ -97,11 +97,10 @@ def test_adm_checkpoint_round_trip(tmp_path, capsys):
     with torch.no_grad():
         y = ref(x, t)
     assert y.shape == (2, 6, 32, 32)
-    for load in (ddim.load_model, ddpm.load_model):
-        net, info = load(path, adm_config=SMALL_ADM)
-        assert info["shape"] == (3, 32, 32) and info["diffusion"] == {"T": 1000, "schedule": "linear"}
-        with torch.no_grad():
-            torch.testing.assert_close(net(x, t), y)
+    net, info = unet.load_model(path, adm_config=SMALL_ADM)
+    assert info["shape"] == (3, 32, 32) and info["diffusion"] == {"T": 1000, "schedule": "linear"}
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t), y)
     # both samplers from the CLI: ddpm.py picks the learned sigma, ddim.py uses the first 3 channels as eps
     cfg = json.dumps(SMALL_ADM)
     common = ["--ckpt", str(path), "--adm-config", cfg, "--out", str(tmp_path)]
@@ -112,7 +111,7 @@ def test_adm_checkpoint_round_trip(tmp_path, capsys):
     # a preset by name: learn_sigma is read off the checkpoint's output layer
     tiny = unet.create("tiny", learn_sigma=True)
     torch.save(tiny.state_dict(), tmp_path / "tiny_raw.pt")
-    net, info = ddim.load_model(tmp_path / "tiny_raw.pt", arch="tiny")
+    net, info = unet.load_model(tmp_path / "tiny_raw.pt", arch="tiny")
     assert info["shape"] == (1, 28, 28) and net.out[-1].weight.shape[0] == 2
 
 
@@ -129,16 +128,15 @@ def test_ddim_cli_on_ddpm_checkpoint(tmp_path):
 def test_bad_input(tmp_path):
     path = tmp_path / "adm.pt"
     random_adm(path)
-    for load in (ddim.load_model, ddpm.load_model):
-        with pytest.raises(ValueError, match="unknown --arch"):
-            load(path, arch="no-such-arch")
-        with pytest.raises(ValueError, match="--arch"):
-            load(path)
-        with pytest.raises(ValueError, match=r"shape mismatch: input_blocks\.0\.0\.weight"):
-            load(path, arch="tiny")  # 3-channel 32x32 ADM weights into the 1-channel tiny preset
+    with pytest.raises(ValueError, match="unknown --arch"):
+        unet.load_model(path, arch="no-such-arch")
+    with pytest.raises(ValueError, match="--arch"):
+        unet.load_model(path)
+    with pytest.raises(ValueError, match=r"shape mismatch: input_blocks\.0\.0\.weight"):
+        unet.load_model(path, arch="tiny")  # 3-channel 32x32 ADM weights into the 1-channel tiny preset
     torch.save({"foo": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="neither"):
-        ddim.load_model(tmp_path / "other.pt")
+        unet.load_model(tmp_path / "other.pt")
     abar = ddim.make_alphas_cumprod(T)
     with pytest.raises(ValueError, match="eta"):
         ddim.sample_ddim(stand_in, torch.zeros(1, 1, 2, 2), [0, 500], abar, eta=-0.1)

@@ -10,6 +10,7 @@ import torch
 import data
 import ddim
 import ddpm
+import rundir
 import unet
 
 T = 1000
@@ -185,7 +186,7 @@ def test_train_lowers_loss_resumes_and_all_loops_run(tmp_path, capsys):
     args = ["--data", "mnist5k", "--image-size", "16", "--arch", "tiny", "--batch-size", "8", "--lr", "2e-3",
             "--ckpt-every", "1000", "--sample-respace", "10", "--out", str(out)]
     ddpm.main(args + ["--steps", "200"])
-    ckpt = data.load_checkpoint(out / "ckpt.pt")
+    ckpt = rundir.load_checkpoint(out / "ckpt.pt")
     assert ckpt["step"] == 200 and set(ckpt) >= {"model", "ema", "optimizer", "step", "rng", "config"}
     assert json.loads((out / "config.json").read_text())["unet"] == ckpt["config"]["unet"]
     assert (out / "loss.png").exists()
@@ -197,7 +198,7 @@ def test_train_lowers_loss_resumes_and_all_loops_run(tmp_path, capsys):
     eps = torch.randn(x0.shape, generator=g)
     d = ddpm.Diffusion(ddpm.make_betas(T))
     x_t = d.q_sample(x0, t, eps)
-    trained, _ = ddpm.load_model(out / "ckpt.pt")
+    trained, _ = unet.load_model(out / "ckpt.pt")
     fresh = unet.UNetModel(**ckpt["config"]["unet"]).eval()
     with torch.no_grad():
         loss0 = ((fresh(x_t, t.float()) - eps) ** 2).mean().item()
@@ -206,7 +207,7 @@ def test_train_lowers_loss_resumes_and_all_loops_run(tmp_path, capsys):
 
     ddpm.main(args + ["--steps", "203"])  # the same command resumes
     assert "resumed from" in capsys.readouterr().out
-    assert data.load_checkpoint(out / "ckpt.pt")["step"] == 203
+    assert rundir.load_checkpoint(out / "ckpt.pt")["step"] == 203
 
     x_T = ddpm.get_noise_x_t(1, (1, 16, 16), seed=0)
     abar = ddim.make_alphas_cumprod(T)
@@ -220,6 +221,19 @@ def test_train_lowers_loss_resumes_and_all_loops_run(tmp_path, capsys):
         assert y.shape == x_T.shape and torch.isfinite(y).all()
     ddpm.main(["--ckpt", str(out / "ckpt.pt"), "--respace", "ddim25", "--num-samples", "4", "--out", str(tmp_path)])
     assert (tmp_path / "samples_ddpm25.png").exists() and (tmp_path / "trajectory_ddpm25.png").exists()
+
+
+def test_nan_loss_stops_training_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    args = ["--data", "mnist5k", "--image-size", "16", "--arch", "tiny", "--batch-size", "4", "--sample-respace", "2",
+            "--out", str(out)]
+    ddpm.main(args + ["--steps", "2"])
+    good = rundir.load_checkpoint(out / "ckpt.pt")
+    monkeypatch.setattr(ddpm, "loss_fn", lambda net, diffusion, x0: net(x0, torch.zeros(len(x0))).sum() * float("nan"))
+    with pytest.raises(rundir.NonFiniteLoss, match=r"loss is nan at step 3: .*\(step 2\) is untouched"):
+        ddpm.main(args + ["--steps", "5"])
+    kept = rundir.load_checkpoint(out / "ckpt.pt")
+    assert kept["step"] == 2 and all(torch.equal(kept["model"][k], v) for k, v in good["model"].items())
 
 
 def test_bad_input():

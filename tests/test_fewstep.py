@@ -12,7 +12,6 @@ bad input. CS492(C): a run around a stand-in for the course's U-Net (--net cours
 (--export-submission) and sampled in a fresh process the way the official loader does.
 """
 import json
-import math
 import os
 import pathlib
 import re
@@ -26,8 +25,11 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+import cs492c
 import data
 import fewstep
+import rundir
+import trainer
 from fewstep import CTM, ConsistencyModel, Reflow, RectifiedFlow, Shortcut
 from test_cli import run_in_one_process
 
@@ -222,7 +224,7 @@ def test_reflow_counts_the_seconds_of_its_pairs_as_training_time_once(tmp_path, 
     first = torch.load(out / "ckpt.pt", weights_only=True)["train_seconds"]
     assert 0 < pair_seconds <= first
     for c in chunks:
-        data.save_checkpoint(c, dict(torch.load(c, weights_only=True), seconds=1e4))
+        rundir.save_checkpoint(c, dict(torch.load(c, weights_only=True), seconds=1e4))
     fewstep.main([*args, "--steps", "3"])
     resumed = torch.load(out / "ckpt.pt", weights_only=True)
     assert resumed["step"] == 3 and first <= resumed["train_seconds"] < 1e4
@@ -238,8 +240,8 @@ def test_sampling_uses_exactly_nfe_network_calls(name):
     calls = []
     net.register_forward_hook(lambda *a: calls.append(1))
     method = fewstep.METHODS[name]()
-    assert all(fewstep._supports(method, n) for n in (1, 2, 4))
-    for nfe in [n for n in (1, 2, 4, 8) if fewstep._supports(method, n)]:  # ld3's grids: 1, 2, 4 by default
+    assert all(trainer.supports(method, n) for n in (1, 2, 4))
+    for nfe in [n for n in (1, 2, 4, 8) if trainer.supports(method, n)]:  # ld3's grids: 1, 2, 4 by default
         calls.clear()
         with torch.no_grad():
             x = method.sample(net, torch.randn(3, 1, 28, 28), nfe)
@@ -257,13 +259,13 @@ def test_unsupported_nfe_is_refused_and_names_what_works():
 
 def test_batches_cover_each_epoch_once_and_ranks_split_the_global_batch():
     images = torch.arange(10, dtype=torch.float32)[:, None]  # float tensors pass through unchanged
-    full = fewstep.Batches((images,), 4, seed=5)
+    full = trainer.Batches((images,), 4, seed=5)
     seen = torch.cat([full(s)[0][:, 0] for s in range(5)])  # 20 positions = 2 epochs of 10
     assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
-    r0, r1 = fewstep.Batches((images,), 4, 5, rank=0, world=2), fewstep.Batches((images,), 4, 5, rank=1, world=2)
+    r0, r1 = trainer.Batches((images,), 4, 5, rank=0, world=2), trainer.Batches((images,), 4, 5, rank=1, world=2)
     for s in range(5):
         assert sorted(torch.cat([r0(s)[0], r1(s)[0]])[:, 0].tolist()) == sorted(full(s)[0][:, 0].tolist())
-    assert torch.equal(fewstep.Batches((images,), 4, seed=5)(3)[0], full(3)[0])  # a pure function of the step
+    assert torch.equal(trainer.Batches((images,), 4, seed=5)(3)[0], full(3)[0])  # a pure function of the step
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,8 +311,9 @@ def test_each_method_trains_with_falling_loss_and_writes_its_samples(name, tmp_p
     assert all((tmp_path / link).exists() for link in links), links
     assert "iterations: 24, global batch size 16" in report and "8 samples per NFE, not scored (--no-fid)" in report
     assert all(f"| {n} | - |" in report for n in (1, 2, 4)) and "against" not in report.split("## FID")[1].split("## References")[0]
-    method = fewstep.make_method(name, fewstep.method_kwargs(name, fewstep.parse_args(["--method", name, *extra])))
-    assert all(c in report for c in method.citations)
+    summary, citations = trainer.docstring_parts(fewstep.METHODS[name])  # the class docstring, described once
+    assert summary in report and citations and all(c in report for c in citations)
+    assert all(re.search(r"arXiv:\d{4}\.\d{4,5}", c) for c in citations), citations
 
 
 def test_resume_gives_the_same_losses_and_weights_as_an_uninterrupted_run(tmp_path):
@@ -364,7 +367,7 @@ def test_bad_input_is_one_line_without_traceback_and_writes_nothing(tmp_path, rf
     other = tmp_path / "other"
     fewstep.main(["--method", "shortcut", *TINY, "--steps", "2", "--out", str(other), "--nfe", "1"])
     ckpt_bytes = (other / "ckpt.pt").read_bytes()
-    grid = tmp_path / "grid"  # --grid-share stores the NFEs of its grids, taken from --nfe
+    grid = tmp_path / "grid"  # --grid-share stores the NFEs of its grids, taken from the run's --nfe
     fewstep.main(["--method", "imf", *TINY, "--steps", "1", "--grid-share", "0.5", "--out", str(grid)])
     cases = [
         (["--method", "nope", "--out", str(tmp_path / "x")], "unknown method 'nope'"),
@@ -377,8 +380,8 @@ def test_bad_input_is_one_line_without_traceback_and_writes_nothing(tmp_path, rf
         (["--method", "shortcut", *TINY[:2], "--arch", "mnist", "--out", str(other)], "arch='tiny'"),
         (["--method", "shortcut", "--max-steps", "64", "--out", str(other)],
          "other shortcut options (max_steps: 128 in the run, 64 asked)"),
-        (["--method", "imf", "--grid-share", "0.5", "--nfe", "1", "--steps", "2", "--out", str(grid)],
-         "(grid_nfes: [1, 2, 4] in the run, [1] asked) (--grid-share takes grid_nfes from --nfe)"),
+        (["--method", "imf", "--grid-share", "0.3", "--nfe", "1", "--steps", "2", "--out", str(grid)],
+         "other imf options (grid_share: 0.5 in the run, 0.3 asked)"),  # --nfe alone would resume and score
     ]
     # One process for the nine commands, each run as `python fewstep.py ARGS` (test_cli.run_in_one_process).
     done = run_in_one_process([(ROOT / "fewstep.py", args, {}) for args, _ in cases], ROOT, os.environ)
@@ -491,7 +494,7 @@ class BaseGenerativeModel(ABC, nn.Module):
 # the same U-Net loaded directly: x_{k+1} = x_k + (1/n) UNet(x_k, timestep = 1000 k/n, condition = 1000/n).
 # Run with -E in the submission folder: fewstep.py and this project's modules are not importable there.
 OFFICIAL_ROLE = """
-import json, sys, torch
+import json, os, sys, torch
 from custom_model import create_custom_model
 from src.base_model import BaseGenerativeModel, BaseScheduler
 from src.network import UNet
@@ -505,7 +508,8 @@ model.network.register_forward_hook(lambda m, args, out: fed.append((args[1].tol
 net = UNet(**cfg["network"]).eval()
 net.load_state_dict({k[len("network."):]: v for k, v in ckpt["state_dict"].items()})
 res = {"bases": isinstance(model, BaseGenerativeModel) and isinstance(model.scheduler, BaseScheduler),
-       "project_modules": sorted({"fewstep", "unet", "data", "fid"} & set(sys.modules))}
+       "project_modules": sorted({"fewstep", "trainer", "cs492c", "rundir", "unet", "data", "fid"} & set(sys.modules)),
+       "fewstep_here": os.path.dirname(os.path.abspath(sys.modules["fewstep"].__file__)) == os.getcwd()}
 for n in (1, 2, 4):
     fed.clear()
     torch.manual_seed(n)
@@ -553,7 +557,10 @@ def test_course_net_run_exports_a_submission_that_samples_alone_like_the_officia
     fewstep.main(["--out", str(out), "--export-submission", str(sub)])
     assert sorted(str(p.relative_to(sub)) for p in sub.rglob("*") if p.is_file()) == [
         "checkpoints/best_model.pt", "checkpoints/fewstep_export.json", "checkpoints/model_config.json",
-        "custom_model.py", "src/__init__.py", "src/base_model.py", "src/network.py"]
+        "custom_model.py", "fewstep.py", "src/__init__.py", "src/base_model.py", "src/network.py"]
+    # the methods file verbatim, and the adapter: this project's cs492c_model.py, a module the tests import
+    assert (sub / "fewstep.py").read_bytes() == (ROOT / "fewstep.py").read_bytes()
+    assert (sub / "custom_model.py").read_bytes() == (ROOT / "cs492c_model.py").read_bytes()
     assert (sub / "src" / "network.py").read_text() == STANDIN_NETWORK  # the student's file, as it was
     ema = torch.load(out / "ckpt.pt", weights_only=True)["ema"]
     exported = torch.load(sub / "checkpoints" / "best_model.pt", weights_only=True)
@@ -562,7 +569,8 @@ def test_course_net_run_exports_a_submission_that_samples_alone_like_the_officia
                        timeout=300, env={**os.environ, "PYTHONPATH": ""})
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout)
-    assert res["bases"] and res["project_modules"] == []
+    assert res["bases"] and res["project_modules"] == ["fewstep"], res  # the copy in the folder, nothing else
+    assert res["fewstep_here"]
     for n in (1, 2, 4):
         got = res[str(n)]
         # exactly n calls, fed timestep = 1000 k/n and condition = 1000/n (shortcut's d = 1/n)
@@ -599,16 +607,16 @@ def test_distilled_course_net_run_starts_from_its_teacher_and_exports_without_it
     teacher_dir, ctm_dir, sub = tmp_path / "rf", tmp_path / "ctm", tmp_path / "submission"
     fewstep.main(["--method", "rf", "--net", f"course:{root}", *COURSE, "--steps", "3", "--out", str(teacher_dir)])
     teacher = torch.load(teacher_dir / "ckpt.pt", weights_only=True)["ema"]
-    student = fewstep.course_net(fewstep.course_net_config(root, uses_cond=True))
+    student = cs492c.course_net(cs492c.course_net_config(root, uses_cond=True))
     own = {k: v.clone() for k, v in student.state_dict().items()}
-    fewstep.init_from(student, teacher)
+    trainer.init_from(student, teacher)
     loaded = student.state_dict()
     assert set(own) - set(teacher) == {"network.condition.weight", "network.condition.bias"}
     assert all(torch.equal(loaded[k], teacher[k]) for k in teacher)
     assert all(torch.equal(loaded[k], own[k]) for k in set(own) - set(teacher))
     other = {k: (v[:1] if k == "network.head.weight" else v) for k, v in teacher.items()}  # another shape: refused
     with pytest.raises(ValueError, match="0 missing, 0 unexpected, 1 shape-mismatched"):
-        fewstep.init_from(student, other)
+        trainer.init_from(student, other)
 
     fewstep.main(["--method", "ctm", "--teacher", str(teacher_dir), "--net", f"course:{root}", *COURSE,
                   "--steps", "4", "--ctm-gan-weight", "0.5", "--ctm-gan-start", "1", "--out", str(ctm_dir)])
@@ -639,6 +647,7 @@ class ShortcutSamplingWithTeacher(Shortcut):
 
 class ShortcutWithStudentsPerNFE(Shortcut):
     """Samples each NFE with a network of its own (pd's students): a submission of one network cannot hold that."""
+    state_for_sampling = True
 
     def sampling_net(self, nfe, ema):
         return ema
@@ -669,17 +678,22 @@ def test_course_net_and_export_refuse_bad_input_in_one_line(course_run, tmp_path
     dest = tmp_path / "sub"
     export = ["--out", str(out), "--export-submission", str(dest)]
     refused(["--out", str(rf_teacher), "--export-submission", str(dest)], "the challenge requires the course's U-Net")
-    for cls, message in ((ShortcutRoundedByData, "it uses data (data.py of this project)"),
-                         (ShortcutSamplingWithTeacher, "fails on its own (AttributeError"),
+    for cls, message in ((ShortcutRoundedByData, "not fewstep.py's registered class"),  # the export ships
+                         (ShortcutSamplingWithTeacher, "not fewstep.py's registered class"),  # fewstep.py as it is
                          (ShortcutOneStepOnly, "cannot sample at NFE 2, 4"),
                          (ShortcutWithStudentsPerNFE, "samples with state of its own")):
         monkeypatch.setitem(fewstep.METHODS, "shortcut", cls)
         refused(export, message)
-    assert not dest.exists()
     monkeypatch.setitem(fewstep.METHODS, "shortcut", Shortcut)
+    # The fresh-process check: a sampler that differs from the shipped file's (here: patched in this process only).
+    sample = Shortcut.sample
+    monkeypatch.setattr(Shortcut, "sample", lambda self, net, noise, nfe: sample(self, net, noise, nfe) * 0.5)
+    refused(export, "differs from fewstep's sampler")
+    monkeypatch.setattr(Shortcut, "sample", sample)
+    assert not dest.exists()
 
     fewstep.main(["--out", str(out), "--export-submission", str(other), "--force"])  # replaces theirs
-    assert "METHOD_CLASS = Shortcut" in (other / "custom_model.py").read_text()
+    assert (other / "custom_model.py").read_bytes() == (ROOT / "cs492c_model.py").read_bytes()
     fewstep.main(["--out", str(out), "--export-submission", str(other)])  # the same run again: no --force needed
 
 
@@ -893,8 +907,8 @@ def test_cm_and_ctm_bad_input_is_one_line_and_writes_nothing(tmp_path, rf_teache
     capsys.readouterr()
     x = tmp_path / "x"
     cases = [
-        (["--method", "ctm", "--teacher", str(cm_run)], "is a cm run; ctm learns from a rf run"),
-        (["--method", "cm", "--teacher", str(cm_run)], "is a cm run; cm learns from a rf run"),
+        (["--method", "ctm", "--teacher", str(cm_run)], "is a cm run; ctm learns from a flow teacher: a rf run"),
+        (["--method", "cm", "--teacher", str(cm_run)], "is a cm run; cm learns from a flow teacher: a rf run"),
         (["--method", "ctm"], "ctm needs --teacher RUN_DIR"),
         (["--method", "cm", "--cm-total-steps", "5"], "shorter than the curriculum's 8 stages"),
         (["--method", "cm", "--cm-s0", "100", "--cm-s1", "10"], "the curriculum needs integers 2 <= s0 <= s1"),
@@ -915,15 +929,15 @@ def test_lr_decay_falls_linearly_to_zero_at_the_end_of_the_run():
     to 0; by steps (1,000), by time (a deadline 100 s after the run started, 20 s of it trained before this
     invocation), and the earlier of the two ends when both are given."""
     cfg = {"warmup": 10, "steps": 1000, "lr_decay": 0.4}
-    got = [fewstep.lr_factor(k, cfg, now=0.0) for k in (0, 4, 9, 500, 600, 700, 800, 999)]
+    got = [trainer.lr_factor(k, cfg, now=0.0) for k in (0, 4, 9, 500, 600, 700, 800, 999)]
     assert got == pytest.approx([0.1, 0.5, 1, 1, 1, 0.75, 0.5, 0.0025])
-    assert fewstep.lr_factor(800, dict(cfg, lr_decay=0.0), now=0.0) == 1.0  # no decay: constant after warmup
+    assert trainer.lr_factor(800, dict(cfg, lr_decay=0.0), now=0.0) == 1.0  # no decay: constant after warmup
     by_time = dict(cfg, steps=10 ** 9)  # a run bounded by --minutes only (the CPU default)
     deadline, run_seconds = 1080.0, 100.0  # 20 s trained before, this invocation's 80 s end at t = 1080
     for now, want in ((1000.0, 1.0), (1040.0, 1.0), (1060.0, 0.5), (1080.0, 0.0), (1090.0, 0.0)):
-        assert fewstep.lr_factor(500, by_time, now, deadline, run_seconds) == pytest.approx(want), now
+        assert trainer.lr_factor(500, by_time, now, deadline, run_seconds) == pytest.approx(want), now
     # steps say 95 % of the run is ahead, the clock says 10 %: the clock ends first
-    assert fewstep.lr_factor(50, cfg, 1070.0, deadline, run_seconds) == pytest.approx(0.25)
+    assert trainer.lr_factor(50, cfg, 1070.0, deadline, run_seconds) == pytest.approx(0.25)
 
 
 def test_lr_decay_by_minutes_ends_near_zero_and_bad_shares_are_refused(tmp_path, capsys):

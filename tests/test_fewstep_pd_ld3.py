@@ -176,7 +176,7 @@ def test_ld3_time_points_are_ordered_inside_the_unit_interval_for_any_parameters
 
 def optimise_ld3(method, teacher, shape=(1,)):
     method.teacher = teacher
-    opt = method.make_optimizer(GaussNet())
+    opt = method.make_optimizer(GaussNet(), lr=None, weight_decay=None)  # its own rates
     trace = []
     for step in range(method.default_steps()):
         method.on_step(step, None, None)
@@ -284,7 +284,7 @@ def test_ld3_optimises_with_falling_loss_keeps_the_teacher_and_samples_at_nfe_1_
                          ids=["pd-at-round-boundary", "ld3"])
 def test_resume_continues_pd_and_ld3_bit_for_bit(tmp_path, teacher, args, stop):
     a, b = tmp_path / "a", tmp_path / "b"
-    common = [*args, *TINY, "--teacher", str(teacher), "--nfe", "1"]
+    common = ["--nfe", "1", *args, *TINY, "--teacher", str(teacher)]  # ld3: --ld3-nfe 1 2 (--nfe's old name) wins
     total = "6" if "pd" in args else "4"  # pd: over the boundary at step 4; ld3: into phase 2 (step 2)
     fewstep.main([*common, "--steps", total, "--out", str(a)])
     fewstep.main([*common, "--steps", str(stop), "--out", str(b)])
@@ -312,10 +312,10 @@ def test_bad_input_for_pd_and_ld3_is_one_line_and_writes_nothing(tmp_path, teach
         (["--method", "pd", "--teacher", str(teacher), "--pd-start-steps", "4", "--nfe", "4"], "N = 2, 1"),
         (["--method", "pd", "--teacher", str(teacher), "--pd-start-steps", "12"],
          "start_steps / end_steps must be a power of two"),
-        (["--method", "pd", "--teacher", str(other)], "is a shortcut run; pd distils a flow teacher"),
+        (["--method", "pd", "--teacher", str(other)], "is a shortcut run; pd learns from a flow teacher"),
         (["--method", "pd"], "pd needs --teacher RUN_DIR"),
-        (["--method", "ld3", "--teacher", str(teacher), "--nfe", "3"], "grids for NFE 1, 2, 4 (--ld3-nfe)"),
-        (["--method", "ld3", "--teacher", str(other)], "is a shortcut run; ld3 discretises a flow teacher"),
+        (["--method", "ld3", "--teacher", str(teacher), "--nfe", "0"], "nfes must be a list of integers >= 1"),
+        (["--method", "ld3", "--teacher", str(other)], "is a shortcut run; ld3 learns from a flow teacher"),
     ]
     for args, message in cases:
         assert_refused([*args, *TINY, "--out", str(x)], message, capsys)

@@ -344,3 +344,30 @@ def test_from_checkpoint_picks_the_named_weights():
         torch.testing.assert_close(net(x, t), y_raw)
     assert info == info2 and info["step"] == 7 and info["data"] == "x"
     assert info["shape"] == (1, 16, 16) and info["learn_sigma"] is False and not net.training
+
+
+def test_load_model_refuses_other_runs_and_parses_adm_config(tmp_path):
+    """load_model (ddpm.py and ddim.py): a ddpm run's EMA net with the training schedule; a flow-matching run or a
+    missing file is a user error. adm_config_arg: --adm-config JSON -> dict, a clear argparse error otherwise."""
+    import argparse
+
+    import rundir
+
+    kwargs = unet.preset_kwargs("tiny")
+    sd = unet.UNetModel(**kwargs).state_dict()
+    diffusion = {"T": 50, "schedule": "cosine"}
+    torch.save({"model": sd, "ema": sd, "step": 3, "config": {"method": "ddpm", "unet": kwargs,
+                                                             "diffusion": diffusion}}, tmp_path / "ddpm.pt")
+    net, info = unet.load_model(tmp_path / "ddpm.pt")
+    assert info["diffusion"] == diffusion and info["step"] == 3 and info["shape"] == (1, 28, 28) and not net.training
+    torch.save({"model": sd, "ema": sd, "step": 3, "config": {"method": "cfm", "unet": kwargs}}, tmp_path / "cfm.pt")
+    with pytest.raises(rundir.CheckpointError, match="cfm run"):
+        unet.load_model(tmp_path / "cfm.pt")
+    with pytest.raises(rundir.MissingFileError, match="nothere.pt"):
+        unet.load_model(tmp_path / "nothere.pt")
+
+    assert unet.adm_config_arg('{"image_size": 64}') == {"image_size": 64} and unet.adm_config_arg("") is None
+    with pytest.raises(argparse.ArgumentTypeError, match="not valid JSON"):
+        unet.adm_config_arg("{image_size: 64}")
+    with pytest.raises(argparse.ArgumentTypeError, match="JSON object"):
+        unet.adm_config_arg("[64]")
