@@ -78,8 +78,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def method_flags(methods):
-    """{flag: {"dest", "type", "fields": {method name: dataclasses.Field}}}: each option of each method once, keyed
-    by its flag (the field's `flag` metadata, default --name-with-dashes). Methods that share a flag share it."""
+    """{flag: {"dest": argparse's name, "fields": {method name: dataclasses.Field}}}: each option of each method once,
+    keyed by its flag (the field's `flag` metadata, default --name-with-dashes). Methods that share a flag share it."""
     flags = {}
     for name, cls in methods.items():
         for f in dataclasses.fields(cls):
@@ -182,6 +182,13 @@ def given_options(methods, name, args):
             continue
         kw[f.name] = dict(value) if f.type is dict else tuple(value) if f.type is tuple else value
     return kw
+
+
+def check_options_belong(methods, name, args):
+    """A method option given for a method that does not have it is a mistake, not something to ignore."""
+    for flag, entry in method_flags(methods).items():
+        if flag != "--nfe" and getattr(args, entry["dest"]) is not None and name not in entry["fields"]:
+            raise UserError(f"{flag} is an option of {', '.join(entry['fields'])}, not of {name}; drop it")
 
 
 def make_method(methods, name, kwargs):
@@ -855,6 +862,7 @@ def run(args, rank, world, device):
     name = args.method or "rf"
     if args.method is None and args.out and (pathlib.Path(args.out) / "ckpt.pt").exists():
         name = load_run(args.out)[1]["method"]  # --eval-only on a run needs no --method
+    check_options_belong(methods, name, args)
     method = make_method(methods, name, given_options(methods, name, args))
     if args.ema_decay is not None and not 0.0 <= args.ema_decay < 1.0:
         raise UserError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")

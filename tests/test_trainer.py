@@ -107,6 +107,14 @@ def test_method_options_from_the_command_line_reach_the_method_with_its_own_defa
     assert built("ld3").num_pairs == 50 and built("reflow").num_pairs is None
 
 
+def test_an_option_of_another_method_is_refused_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        trainer.main(fewstep.METHODS, ["--method", "rf", *TINY, "--ratio", "0.5", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err == "fewstep.py: --ratio is an option of meanflow, imf, not of rf; drop it"
+    assert not (tmp_path / "x").exists()
+
+
 def test_readme_method_table_is_the_one_the_docstrings_give():
     readme = (ROOT / "README.md").read_text()
     table = re.search(r"<!-- methods-table -->\n(.*?)\n<!-- /methods-table -->", readme, re.S)
