@@ -94,70 +94,26 @@ def run_cli(main, prog=None):
 # argparse validators (type=...): a bad value ends the command at parse time, before anything is written
 # ----------------------------------------------------------------------------------------------------------------
 
-def positive_int(s):
-    """An integer >= 1 (counts, sizes, step budgets)."""
-    try:
-        n = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
+def _number(cast, ok, expected, must):
+    """An argparse type: cast(s) (int or float) that must satisfy ok; its two errors name what was expected."""
+    def check(s):
+        try:
+            x = cast(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {s!r}") from None
+        if not ok(x):  # NaN fails every comparison, so it is refused too
+            raise argparse.ArgumentTypeError(f"must be {must}, got {x if cast is int else s}")
+        return x
+    return check
 
 
-def non_negative_int(s):
-    """An integer >= 0, for options where 0 means "none" or "off" (--num-samples 0: no grid)."""
-    try:
-        n = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
-    return n
-
-
-def positive_float(s):
-    """A number > 0 (learning rates, tolerances, minutes); NaN is refused."""
-    try:
-        x = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {s!r}") from None
-    if not x > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
-    return x
-
-
-def non_negative_float(s):
-    """A number >= 0, for options where 0 means "off" or is a valid end of the range (--grad-clip, DDIM's eta)."""
-    try:
-        x = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}") from None
-    if not x >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
-    return x
-
-
-def share_arg(s):
-    """A share of something in [0, 1], both ends included."""
-    try:
-        x = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a share in [0, 1], got {s!r}") from None
-    if not 0.0 <= x <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a share in [0, 1], got {s}")
-    return x
-
-
-def below_one_arg(s):
-    """A number in [0, 1), 1 excluded: an EMA decay (1 would never move the average), sigma_min of a flow path."""
-    try:
-        x = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {s!r}") from None
-    if not 0.0 <= x < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {s}")
-    return x
+positive_int = _number(int, lambda n: n >= 1, "an integer >= 1", ">= 1")  # counts, sizes, step budgets
+non_negative_int = _number(int, lambda n: n >= 0, "an integer >= 0", ">= 0")  # 0 = none or off (--num-samples 0)
+positive_float = _number(float, lambda x: x > 0, "a number > 0", "> 0")  # learning rates, tolerances, minutes
+non_negative_float = _number(float, lambda x: x >= 0, "a number >= 0", ">= 0")  # 0 = off (--grad-clip, eta)
+share_arg = _number(float, lambda x: 0.0 <= x <= 1.0, "a share in [0, 1]", "a share in [0, 1]")  # both ends in
+# [0, 1), 1 excluded: an EMA decay (1 would never move the average), sigma_min of a flow path
+below_one_arg = _number(float, lambda x: 0.0 <= x < 1.0, "a number in [0, 1)", "in [0, 1)")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -863,13 +863,12 @@ def run(args, rank, world, device):
     if args.method is None and args.out and (pathlib.Path(args.out) / "ckpt.pt").exists():
         name = load_run(args.out)[1]["method"]  # --eval-only on a run needs no --method
     check_options_belong(methods, name, args)
-    method = make_method(methods, name, given_options(methods, name, args))
     if args.ema_decay is not None and not 0.0 <= args.ema_decay < 1.0:
         raise UserError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     args.out = args.out or f"runs/{name}-" + (args.data or "simpsons").replace(":", "_").replace("/", "_")
     out = pathlib.Path(args.out)
     state = None
-    if (out / "ckpt.pt").exists():
+    if (out / "ckpt.pt").exists():  # the run's own options, with what may change on resume (built once, here)
         state, cfg = load_run(out)
         cfg = resumed_config(args, cfg, name, out)
         method = make_method(methods, name, cfg["method_args"])
@@ -877,7 +876,8 @@ def run(args, rank, world, device):
             args.minutes = CPU_MINUTES
     elif args.eval_only:
         raise UserError(f"--eval-only: no run at {out} (no ckpt.pt); train first or point --out at a run")
-    else:
+    else:  # a new run: the options given on the command line, the method's own defaults for the rest
+        method = make_method(methods, name, given_options(methods, name, args))
         check_nfes(method, args.nfe or DEFAULT_NFES)  # before any data is loaded
         cfg = new_config(args, method, device, log)
     nfes = args.nfe or cfg["nfe"]
