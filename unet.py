@@ -74,8 +74,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import rundir
-
 
 def timestep_embedding(t, dim, max_period=10000):
     """Sinusoidal embedding [cos(t f), sin(t f)] with f_i = max_period^(-i/half) (see module docstring).
@@ -556,6 +554,7 @@ def load_model(path, arch=None, adm_config=None, device="cpu"):
     :raises rundir.MissingFileError, rundir.CheckpointError: a missing, unreadable or foreign checkpoint, or weights
         that do not fit the named architecture.
     """
+    import rundir  # here, not at the top: the rest of this file stays a copyable module of torch alone
     ckpt = rundir.load_checkpoint(path)
     rundir.check_run_method(ckpt, "ddpm", path)
     try:
