@@ -19,7 +19,7 @@ guided-diffusion on random weights; tests/test_unet.py checks the details indepe
 Time embedding (Vaswani et al. 2017 / DDPM; ADM puts the cosines first), for a scalar t and d = model_channels:
     f_i = 10000^(-i / (d/2)),  i = 0 .. d/2 - 1
     e(t) = [cos(t f_0), ..., cos(t f_{d/2-1}), sin(t f_0), ..., sin(t f_{d/2-1})]
-    emb  = time_embed(e(t)) [+ cond_embed(e(cond)) if extra_cond]       time_embed: Linear, SiLU, Linear -> 4d
+    emb  = time_embed(e(t)) [+ cond_embed(e(cond)) if extra_cond] [+ label_emb(y) if num_classes]   -> 4d
 Residual block (h = in_layers(x) = conv(SiLU(GN(x)))):
     plain:            out = skip(x) + conv0(drop(SiLU(GN(h + W e))))
     scale-shift norm: out = skip(x) + conv0(drop(SiLU(GN(h) * (1 + s) + b))),  (s, b) = W e      (ADM's AdaGN)
@@ -35,6 +35,9 @@ Time convention: t is embedded exactly as given. Each script states what it pass
 Extra condition (extra_cond=True): a second scalar per sample (shortcut models' step size d, MeanFlow/CTM's end time),
 embedded like t by its own MLP "cond_embed" whose last Linear is zero-initialised, so a new model ignores it.
 cond=None on such a model means cond = 0 for every sample.
+Class label (num_classes=K): ADM's label embedding, an nn.Embedding "label_emb" of K rows added to the time
+embedding (guided-diffusion's class_cond models: K = 1000, they load strictly). null_label=True adds a row K, the
+"no label" of classifier-free guidance's label dropout; y=None on such a model means that row for every sample.
 
 Presets (parameters: count_parameters; timings: benchmarks/bench_unet.py and benchmarks/README.md):
     tiny         199,617  28x28x1, 8/16/32 ch (mult 0.5,1,2 of 16), 1 res block, attention at 7 (2 heads),
@@ -224,7 +227,7 @@ class AttentionBlock(nn.Module):
 
 
 class UNetModel(nn.Module):
-    """ADM U-Net (guided-diffusion's UNetModel, unconditional, 2-D) with an optional second scalar condition.
+    """ADM U-Net (guided-diffusion's UNetModel, 2-D) with an optional second scalar condition and class label.
 
     :param image_size: the H = W the model is built for (the net is convolutional; any H, W divisible by
         2^(len(channel_mult)-1) runs, attention stays where it was placed at build time).
@@ -238,12 +241,14 @@ class UNetModel(nn.Module):
         used on the way up); num_head_channels > 0 overrides both with C / num_head_channels heads.
     :param use_scale_shift_norm, resblock_updown, use_new_attention_order, dropout: see the module docstring.
     :param extra_cond: add the embedding of a second scalar cond (B,) to the time embedding.
+    :param num_classes, null_label: add the embedding of a class label y (B,) in 0..num_classes-1 (ADM's
+        label_emb); null_label adds the index num_classes, the "no label" of guidance dropout (and y=None).
     """
 
     def __init__(self, image_size, in_channels, model_channels, out_channels, num_res_blocks,
                  attention_resolutions=(), dropout=0.0, channel_mult=(1, 2, 4, 8), num_heads=1,
                  num_head_channels=-1, num_heads_upsample=-1, use_scale_shift_norm=False, resblock_updown=False,
-                 use_new_attention_order=False, extra_cond=False):
+                 use_new_attention_order=False, extra_cond=False, num_classes=None, null_label=False):
         super().__init__()
         channel_mult = tuple(channel_mult)
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
@@ -262,6 +267,11 @@ class UNetModel(nn.Module):
             num_heads_upsample = num_heads
         self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
         self.model_channels, self.channel_mult, self.extra_cond = model_channels, channel_mult, extra_cond
+        if num_classes is None and null_label:
+            raise ValueError("null_label=True needs num_classes (the null label is the index num_classes)")
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+            raise ValueError(f"num_classes must be an integer >= 1 (or None: no label), got {num_classes!r}")
+        self.num_classes, self.null_label = num_classes, bool(null_label)
 
         emb_dim = 4 * model_channels
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -269,6 +279,8 @@ class UNetModel(nn.Module):
             # Zero last layer: the model starts as if unconditioned on cond.
             self.cond_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(),
                                             zero_module(nn.Linear(emb_dim, emb_dim)))
+        if num_classes is not None:  # after the embeddings above: an unlabelled net's initial weights stay as they were
+            self.label_emb = nn.Embedding(num_classes + int(null_label), emb_dim)
 
         def res_block(ch_in, ch_out, up=False, down=False):
             return ResBlock(ch_in, emb_dim, dropout, ch_out, use_scale_shift_norm, up=up, down=down)
@@ -317,11 +329,12 @@ class UNetModel(nn.Module):
             raise ValueError(f"{name} must have shape (B,) = ({batch},) (or be a scalar), got {tuple(v.shape)}")
         return v
 
-    def forward(self, x, t, cond=None):
+    def forward(self, x, t, cond=None, y=None):
         """
         :param x: (B, in_channels, H, W), H and W divisible by 2^(len(channel_mult)-1).
         :param t: (B,) float times, embedded as given (see "Time convention"); a scalar is broadcast.
         :param cond: (B,) second scalar, only with extra_cond=True; None means 0.
+        :param y: (B,) integer class labels, only with num_classes; None means the null label (null_label=True).
         :return: (B, out_channels, H, W).
         """
         if x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -339,6 +352,20 @@ class UNetModel(nn.Module):
         elif cond is not None:
             raise ValueError("cond was given but this model has extra_cond=False; build it with extra_cond=True "
                              "(e.g. unet.create(name, extra_cond=True)) or drop cond")
+        if self.num_classes is not None:
+            if y is None and not self.null_label:
+                raise ValueError(f"this model is class-conditional ({self.num_classes} classes, no null label): "
+                                 f"pass y, the (B,) class labels")
+            y = torch.full((x.shape[0],), self.num_classes, device=x.device) if y is None else \
+                self._per_sample("y", y, x.shape[0], x.device)
+            if y.dtype.is_floating_point or not bool(((y >= 0) & (y < self.num_classes + self.null_label)).all()):
+                raise ValueError(f"y must hold integer labels in 0..{self.num_classes - 1}"
+                                 + (f" (or {self.num_classes}, the null label)" if self.null_label else "")
+                                 + f", got {y.tolist()[:8]}")
+            emb = emb + self.label_emb(y)  # ADM: emb = time_embed(e(t)) + label_emb(y)
+        elif y is not None:
+            raise ValueError("y (class labels) was given but this model has no num_classes; build it with "
+                             "num_classes=K or drop y")
 
         hs = []
         h = x
@@ -403,6 +430,7 @@ def create(name, learn_sigma=None, **overrides):
     return UNetModel(**preset_kwargs(name, learn_sigma, **overrides))
 
 
+ADM_NUM_CLASSES = 1000  # guided-diffusion's class_cond models: ImageNet
 # guided-diffusion's create_model default channel_mult per image size (channel_mult="").
 ADM_CHANNEL_MULT = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
 
@@ -419,11 +447,9 @@ def adm(image_size, num_channels, num_res_blocks, channel_mult="", learn_sigma=F
     model_path (a key of DPS's config files): if given, the checkpoint is loaded with load_state_dict_checked.
     use_checkpoint (gradient checkpointing) only saves memory in training: accepted, not used here.
     use_fp16: accepted, not used; the model stays float32 (ADM saves its checkpoints in float32 even when trained
-    in fp16). For half precision run it under torch.autocast. class_cond=True: NotImplementedError.
+    in fp16). For half precision run it under torch.autocast. class_cond=True: ImageNet's 1000 classes (label_emb),
+    guided-diffusion's NUM_CLASSES; sample with net(x, t, y=labels).
     """
-    if class_cond:
-        raise NotImplementedError("class_cond=True (ADM's label_emb, ImageNet models) is not supported: unet.py is "
-                                  "for unconditional models; use an unconditional checkpoint or guided-diffusion")
     if channel_mult == "":
         if image_size not in ADM_CHANNEL_MULT:
             raise ValueError(f"no default channel_mult for image_size={image_size} (ADM has one for "
@@ -443,7 +469,8 @@ def adm(image_size, num_channels, num_res_blocks, channel_mult="", learn_sigma=F
                       attention_resolutions=sizes, dropout=dropout, channel_mult=channel_mult, num_heads=num_heads,
                       num_head_channels=num_head_channels, num_heads_upsample=num_heads_upsample,
                       use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown,
-                      use_new_attention_order=use_new_attention_order)
+                      use_new_attention_order=use_new_attention_order,
+                      num_classes=ADM_NUM_CLASSES if class_cond else None)
     if model_path is not None:
         if not os.path.isfile(model_path):
             raise FileNotFoundError(f"model_path {model_path!r} not found; ffhq_10m.pt is distributed through the "
@@ -492,8 +519,9 @@ def load_state_dict_checked(model, state_dict):
     hints = []
     if any(k.startswith("module.") for k in unexpected):
         hints.append("keys start with 'module.' (saved from DistributedDataParallel): strip that prefix")
-    if any(k.startswith("label_emb") for k in unexpected):
-        hints.append("the checkpoint is class-conditional (label_emb), which unet.py does not support")
+    if any(k.startswith("label_emb") for k in missing + unexpected + mismatched):
+        hints.append("class labels differ: the checkpoint is class-conditional (label_emb) or not; check num_classes "
+                     "(adm(class_cond=True): 1000) and null_label")
     if any(k.startswith("cond_embed") for k in missing + unexpected):
         hints.append("extra_cond differs between the checkpoint and the model")
     if any(k.startswith("out.") for k in mismatched):
@@ -561,6 +589,9 @@ def load_model(path, arch=None, adm_config=None, device="cpu"):
         net, info = from_checkpoint(ckpt, arch, adm_config, source=path)
     except ValueError as e:  # not a model file, or weights that do not fit the named architecture
         raise rundir.CheckpointError(f"{path} cannot be loaded: {e}") from e
+    if net.num_classes is not None:  # the samplers call net(x, t): a class-conditional net would need labels
+        raise rundir.CheckpointError(f"{path} is class-conditional ({net.num_classes} classes); ddpm.py and ddim.py "
+                                     f"sample unconditional models: use an unconditional checkpoint")
     info.setdefault("diffusion", {"T": 1000, "schedule": "linear"})
     return net.to(device), info
 

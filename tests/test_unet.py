@@ -178,10 +178,60 @@ def test_adm_builder_defaults_and_attention_sizes():
     with torch.device("meta"):
         assert unet.adm(image_size=32, num_channels=64, num_res_blocks=1, channel_mult=(1, 2),
                         learn_sigma=True).out_channels == 6
-    with pytest.raises(NotImplementedError, match="class_cond"):
-        unet.adm(image_size=64, num_channels=64, num_res_blocks=1, class_cond=True)
     with pytest.raises(ValueError, match="channel_mult"):
         unet.adm(image_size=48, num_channels=64, num_res_blocks=1)
+
+
+def test_adm_imagenet64_class_conditional_layout_matches_guided_diffusion():
+    """The published ImageNet 64x64 model's flags (guided-diffusion's README: class_cond, 192 channels, 3 res
+    blocks, attention at 32, 16, 8 with 64 channels per head, new attention order, resblock_updown, scale-shift
+    norm, learned sigma). 541 tensors and 295,904,454 parameters are the counts of guided-diffusion's own
+    UNetModel built with these flags (instantiated from its code beside this project, not part of it); its
+    state dict loaded into this one strictly and gave the same outputs to the last bit."""
+    config = dict(image_size=64, num_channels=192, num_res_blocks=3, learn_sigma=True, class_cond=True,
+                  attention_resolutions="32,16,8", num_head_channels=64, resblock_updown=True,
+                  use_new_attention_order=True, use_scale_shift_norm=True, dropout=0.1, use_fp16=True)
+    with torch.device("meta"):
+        net = unet.adm(**config)
+        plain = unet.adm(**dict(config, class_cond=False))
+    sd = net.state_dict()
+    assert len(sd) == 541 and unet.count_parameters(net) == 295_904_454
+    assert tuple(sd["label_emb.weight"].shape) == (1000, 768)  # ImageNet's classes x 4 * 192
+    assert set(sd) - set(plain.state_dict()) == {"label_emb.weight"}
+    with pytest.raises(ValueError, match="class labels differ"):
+        unet.load_state_dict_checked(plain, sd)
+
+
+def test_class_labels_enter_the_embedding_and_the_null_label_is_y_none():
+    """label_emb(y) is added to the time embedding: another label changes the output, the null row (index K) is
+    what y=None means, and a net without labels keeps the initial weights it had before labels existed (the
+    embedding is built after the time embeddings, and only when num_classes is given)."""
+    torch.manual_seed(0)
+    net = unet.create("tiny", num_classes=10, null_label=True).eval()
+    with torch.no_grad():  # random weights everywhere (a new net's output layer is zero)
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        x, t = torch.randn(3, 1, 28, 28), torch.tensor([1.0, 500.0, 999.0])
+        out = net(x, t, y=torch.tensor([0, 1, 2]))
+        assert (net(x, t, y=torch.tensor([5, 1, 2])) - out)[0].abs().max() > 1e-3
+        torch.testing.assert_close((net(x, t, y=torch.tensor([5, 1, 2])) - out)[1:], torch.zeros_like(out[1:]))
+        torch.testing.assert_close(net(x, t), net(x, t, y=torch.full((3,), 10)))
+    assert net.label_emb.weight.shape == (11, 4 * 16)
+    torch.manual_seed(0)
+    a = unet.create("tiny").state_dict()
+    torch.manual_seed(0)
+    b = unet.create("tiny", num_classes=None).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for kwargs, call, message in (
+            (dict(num_classes=10), dict(), "pass y"),
+            (dict(num_classes=10), dict(y=torch.tensor([10, 0, 0])), "integer labels in 0..9"),
+            (dict(num_classes=10, null_label=True), dict(y=torch.tensor([11, 0, 0])), "or 10, the null label"),
+            (dict(num_classes=10), dict(y=torch.tensor([0.5, 0, 0])), "integer labels"),
+            (dict(), dict(y=torch.tensor([0, 0, 0])), "has no num_classes")):
+        with pytest.raises(ValueError, match=message):
+            unet.create("tiny", **kwargs)(x, t, **call)
+    with pytest.raises(ValueError, match="null_label=True needs num_classes"):
+        unet.create("tiny", null_label=True)
 
 
 # ---------------------------------------------------------------- presets
@@ -365,6 +415,12 @@ def test_load_model_refuses_other_runs_and_parses_adm_config(tmp_path):
         unet.load_model(tmp_path / "cfm.pt")
     with pytest.raises(rundir.MissingFileError, match="nothere.pt"):
         unet.load_model(tmp_path / "nothere.pt")
+    adm_config = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult=(1, 2), class_cond=True)
+    with torch.device("meta"):
+        labelled = unet.adm(**adm_config)
+    torch.save({k: torch.zeros(v.shape) for k, v in labelled.state_dict().items()}, tmp_path / "adm_cond.pt")
+    with pytest.raises(rundir.CheckpointError, match="class-conditional"):  # the samplers pass no labels
+        unet.load_model(tmp_path / "adm_cond.pt", adm_config=adm_config)
 
     assert unet.adm_config_arg('{"image_size": 64}') == {"image_size": 64} and unet.adm_config_arg("") is None
     with pytest.raises(argparse.ArgumentTypeError, match="not valid JSON"):
