@@ -489,6 +489,43 @@ class ImprovedMeanFlow(MeanFlow):
         return u.float() - expand_t(s - t, u) * dudt.float().detach()  # V = u - (s - t) sg[du/dt]
 
 
+@dataclasses.dataclass(eq=False)
+class PixelMeanFlow(ImprovedMeanFlow):
+    """Pixel MeanFlow: improved MeanFlow with x-prediction. The network outputs an image x_hat(x_t, t, s), the
+    average velocity is derived from it in closed form, and the loss is iMF's velocity-space loss on that u; one
+    step from noise returns x_hat(x0, 0, 1) itself, so the network's output lives on the image manifold.
+
+    Paper: Lu, Lu, Sun, Zhao, Jiang, Wang, Li, Geng, He. One-step Latent-free Image Generation with Pixel Mean Flows.
+    ICML 2026, arXiv:2601.22158.
+
+        u_theta(x_t, t, s) = (x_hat_theta(x_t, t, s) - x_t) / max(1 - t, clip)            (x-prediction -> u)
+        V_theta = u_theta - (s - t) sg[du_theta/dt],  du/dt along v_theta = u_theta(x_t, t, t)   (as imf)
+        L = E w || V_theta - (x1 - x0) ||^2,   sample: x_s = x_t + (s - t) u_theta(x_t, t, s)
+    Why x_hat: x_t + (1 - t) u(x_t, t, s) is where a straight line from x_t at the average velocity reaches t = 1;
+    at s = t it is the denoiser E[x1 | x_t], and x_hat(x0, 0, 1) is the one-step sample. Convention: the paper's
+    z_t = (1 - t') x + t' e with t' = 1 - t gives its u' = (z_t - x_hat) / t' = -u here; its clip of t' at 0.05
+    is clip on 1 - t. Kept: x-prediction, iMF's loss and tangent, the adaptive weight (p = 1, c = 0.01), r = t on
+    half the batch, logit-normal(0.8, 0.8) times (the paper's ImageNet recipe). Deviations: (1) the target is the
+    conditional velocity x1 - x0, where the authors divide (z_t - x) by the same clipped t' (the two agree for
+    1 - t >= clip; with x1 - x0 the minimiser is the exact average velocity at every t); (2) no perceptual loss:
+    the paper adds LPIPS and ConvNeXt losses on x_hat for t' < 0.8, whose ImageNet-pretrained weights a
+    from-scratch entry may not use, so x_hat is trained by the velocity loss alone. Options as imf's.
+    """
+    name = "pmf"
+    time_mean: float = option(0.8, "logit-normal mean of the times (paper convention)")
+    time_std: float = option(0.8, "logit-normal std of the times")
+    clip: float = option(0.05, "u = (x_hat - x_t) / max(1 - t, CLIP): the paper's clip of t'", flag="--pmf-clip")
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(0 < self.clip <= 1, f"clip must be in (0, 1] (the paper: 0.05), got {self.clip!r}")
+
+    def average_velocity(self, net, x, t, s):
+        """u_theta(x, t, s) from the network's image x_hat(x, t, s); it sees time_scale t and time_scale (s - t)."""
+        x_hat = net(x, self.time_scale * t, cond=self.time_scale * (s - t))
+        return (x_hat - x) / expand_t((1 - t).clamp_min(self.clip), x)
+
+
 # ---- cm and ctm: consistency models and consistency trajectory models --------------------------------------------
 # Both papers use EDM's x_sigma = x1 + sigma z (sigma = 0 data). On this file's path x_t / t = x1 + ((1 - t) / t) x0,
 # so x_t is t times an EDM point with sigma = (1 - t) / t, t = 1 / (1 + sigma), x_sigma = x_t / t = (1 + sigma) x_t:
@@ -614,6 +651,177 @@ class ConsistencyModel(Method):
             x_t = t * (x + math.sqrt(sigma ** 2 - self.sigma_min ** 2) * torch.randn_like(x))  # re-noise, rescale
             x = self.consistency_fn(net, x_t, torch.full((b,), sigma, dtype=torch.float64, device=dev))
         return x
+
+
+# ---- scm: continuous-time consistency models on TrigFlow ----------------------------------------------------------
+# TrigFlow: x_tau = cos(tau) x1 + sin(tau) z, z ~ N(0, sigma_d^2 I), tau in [0, pi/2], tau = 0 data. Dividing by
+# cos(tau) + sigma_d sin(tau) gives this file's x_t = (1 - t) x0 + t x1 with x0 = z / sigma_d: exact, both ways.
+def trig_to_t(tau, sigma_d): return torch.cos(tau) / (torch.cos(tau) + sigma_d * torch.sin(tau))
+def t_to_trig(t, sigma_d): return torch.atan2(1 - t, sigma_d * t)  # tan(tau) = sigma / sigma_d, sigma = (1 - t) / t
+
+
+class AdaptiveWeight(torch.nn.Module):
+    """sCM's learned loss weight: logvar(tau) = a linear layer on Fourier features of tau, zero at the start."""
+    def __init__(self, features=16):
+        super().__init__()
+        self.register_buffer("freqs", 2.0 ** torch.arange(features // 2, dtype=torch.float32))
+        self.linear = torch.nn.Linear(features, 1)
+        torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, tau):
+        arg = tau.float()[:, None] * self.freqs
+        return self.linear(torch.cat([torch.cos(arg), torch.sin(arg)], 1))[:, 0]
+
+
+@dataclasses.dataclass(eq=False)
+class ContinuousConsistency(Method):
+    """Continuous-time consistency model (sCM): a consistency function f(x_tau, tau) on TrigFlow, trained with the
+    limit of the consistency loss as adjacent levels merge, whose gradient is a tangent g built from a JVP of the
+    network; from scratch (sCT) or, with --teacher, along the ODE of a trained rf run (sCD).
+
+    Paper: Lu, Song. Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models. ICLR 2025,
+    arXiv:2410.11081.
+
+        x_tau = cos(tau) x1 + sin(tau) z,  f_theta(x_tau, tau) = cos(tau) x_tau - sin(tau) sigma_d F_theta(x_tau / sigma_d, tau)
+        dx/dtau = cos(tau) z - sin(tau) x1 (sCT),  or the teacher's sigma_d F* (sCD, below)
+        g = -cos^2(tau) (sigma_d F_theta- - dx/dtau) - r cos(tau) sin(tau) (x_tau + sigma_d dF_theta-/dtau)
+        L = E [ e^(-l(tau)) / (sigma_d tan tau) mean( (F_theta - F_theta- - g / (rms(g) + c))^2 ) + l(tau) ]
+    With r = 1, g = cos(tau) df/dtau: the loss's gradient pushes f to be constant along the ODE. dF/dtau is one JVP
+    along (cos sin dx/dtau, cos sin) ("JVP rearrangement": the factor cos sin goes into the tangent); theta- =
+    theta without gradient, the same dropout masks. Stability measures kept: c_noise(tau) = tau (time_scale 1),
+    tangent warm-up (r rises 0 -> 1 over warmup_steps), tangent normalisation (c = 0.1, on the RMS so that it does
+    not depend on the image size), prior weight 1 / (sigma_d tan tau), adaptive weight l(tau) (AdaptiveWeight,
+    its own Adam at the run's lr). Not kept: adaptive double normalisation (an architecture change; unet.py keeps
+    ADM's scale-shift norm). Times: sigma_d tan(tau) ~ lognormal(p_mean, p_std). sCD: an rf teacher v(x_t, t) is
+    a TrigFlow velocity in closed form: at t = cos / (cos + sigma_d sin), x_t = x_tau / (cos + sigma_d sin),
+        sigma_d F* = sigma_d cos(tau) (x_t - t v) - sin(tau) (x_t + (1 - t) v)     (E[z] and E[x1] given x_t)
+    and the student starts from random weights (the teacher's network speaks another parametrisation).
+    Sampling (Alg. 1): x = sigma_d x0 at tau = pi/2 (t = 0), x1 = f(x, pi/2); then at each intermediate time
+    (default k / NFE in this file's t, which for NFE 2 is tau = 1.107, the paper's 1.1): x = cos x1 + sin z, x1 = f.
+    """
+    name = "scm"
+    teacher_methods = ("rf",)  # optional: sCD
+    uses_jvp, sampling_options = True, ("times",)
+    sigma_data: float = option(0.5, "sigma_d of TrigFlow", flag="--scm-sigma-data")
+    p_mean: float = option(-1.0, "mean of log(sigma_d tan tau) (the paper's CIFAR-10)", flag="--scm-p-mean")
+    p_std: float = option(1.4, "std of log(sigma_d tan tau)", flag="--scm-p-std")
+    warmup_steps: int = option(10_000, "tangent warm-up: r rises linearly from 0 to 1 over these steps",
+                               flag="--scm-warmup-steps")
+    tangent_c: float = option(0.1, "c of the tangent normalisation g / (rms(g) + c)", flag="--scm-tangent-c")
+    tangent_norm: bool = option(True, "turn the tangent normalisation off", flag="--scm-no-tangent-norm")
+    adaptive: bool = option(True, "turn the learned weight l(tau) off", flag="--scm-no-adaptive-weight")
+    time_scale: float = option(1.0, "the network sees this times tau (the paper: c_noise(tau) = tau)",
+                               flag="--scm-time-scale")
+    times: dict = option(None, "intermediate times of multistep sampling in this file's t, e.g. 2:0.5 "
+                               "(default k/NFE)", flag="--scm-times")
+
+    def __post_init__(self):
+        require(self.sigma_data > 0 and self.p_std > 0 and self.time_scale > 0 and self.tangent_c > 0,
+                f"sigma_data, p_std, time_scale and tangent_c must be > 0; got {self.config()}")
+        require(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
+                f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        self.times = parse_times(self.times, "--scm-times")
+        self.weighting = self.weight_opt = None  # built at the first step, on the data's device
+        self.weight_pending, self.lr = {}, 1e-3
+
+    def F(self, net, x_tau, tau):
+        """F_theta(x_tau / sigma_d, tau): the network sees time_scale tau."""
+        return net(x_tau / self.sigma_data, self.time_scale * tau)
+
+    def consistency_fn(self, net, x_tau, tau):
+        """f_theta(x_tau, tau) = cos(tau) x_tau - sin(tau) sigma_d F_theta: the data end of x_tau's trajectory."""
+        c, s = expand_t(torch.cos(tau), x_tau), expand_t(torch.sin(tau), x_tau)
+        return c * x_tau - s * self.sigma_data * self.F(net, x_tau, tau)
+
+    def teacher_velocity(self, x_tau, tau):
+        """sigma_d F* = dx_tau/dtau of the rf teacher, in closed form (the docstring's sCD line)."""
+        c, s = expand_t(torch.cos(tau), x_tau), expand_t(torch.sin(tau), x_tau)
+        t = trig_to_t(tau, self.sigma_data)
+        x_t = x_tau / (c + self.sigma_data * s)
+        v = self.teacher(x_t, TIME_SCALE * t)
+        tt = expand_t(t, x_t)
+        return self.sigma_data * c * (x_t - tt * v) - s * (x_t + (1 - tt) * v)  # sigma_d cos E[x0] - sin E[x1]
+
+    def derivative(self, net, x_tau, tau, dxdt):
+        """(F_theta-, cos sin dF_theta-/dtau): one JVP along (cos sin dx/dtau, cos sin), without gradient (theta-),
+        on the unwrapped network (no DDP hooks inside the JVP) with the same dropout masks as the loss's forward."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        module, dev, cs = getattr(net, "module", net), x_tau.device, torch.cos(tau) * torch.sin(tau)
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), sdpa_kernel(SDPBackend.MATH):
+            return torch.func.jvp(lambda x, tt: self.F(module, x, tt), (x_tau, tau), (expand_t(cs, x_tau) * dxdt, cs))
+
+    def tangent(self, x_tau, tau, dxdt, F_minus, F_jvp, r):
+        """g = -cos^2 (sigma_d F- - dx/dtau) - r cos sin x_tau - r sigma_d (cos sin dF-/dtau); = cos df/dtau at r = 1."""
+        c, s = expand_t(torch.cos(tau), x_tau), expand_t(torch.sin(tau), x_tau)
+        return -c ** 2 * (self.sigma_data * F_minus - dxdt) - r * (c * s * x_tau + self.sigma_data * F_jvp)
+
+    def make_optimizer(self, net, lr, weight_decay):
+        self.lr = lr  # the adaptive weight's Adam runs at the run's base rate
+        return super().make_optimizer(net, lr, weight_decay)
+
+    def weight_net(self, device):
+        if self.weighting is None:
+            self.weighting = AdaptiveWeight().to(device)
+            self.weight_opt = torch.optim.Adam(self.weighting.parameters(), lr=self.lr)
+            if self.weight_pending:
+                self.weighting.load_state_dict(self.weight_pending["weighting"])
+                self.weight_opt.load_state_dict(self.weight_pending["weight_opt"])
+            self.weight_pending = {}
+        return self.weighting
+
+    def state_dict(self):
+        if self.weighting is None:
+            return dict(self.weight_pending)
+        return {"weighting": self.weighting.state_dict(), "weight_opt": self.weight_opt.state_dict()}
+
+    def load_state_dict(self, state):
+        self.weighting, self.weight_opt, self.weight_pending = None, None, dict(state)
+
+    def loss(self, net, x1, x0=None, ema=None):
+        """x1: data; x0: its noise (z = sigma_d x0). ema is not used: theta- = theta."""
+        sd, dev = self.sigma_data, x1.device
+        z = sd * (torch.randn_like(x1) if x0 is None else x0)
+        tau = torch.atan(torch.exp(self.p_mean + self.p_std * torch.randn(x1.shape[0], device=dev)) / sd)
+        c, s = expand_t(torch.cos(tau), x1), expand_t(torch.sin(tau), x1)
+        x_tau = c * x1 + s * z
+        with torch.no_grad():
+            dxdt = c * z - s * x1 if self.teacher is None else self.teacher_velocity(x_tau, tau)
+            F_minus, F_jvp = self.derivative(net, x_tau, tau, dxdt)
+            r = min(1.0, self.training_step / self.warmup_steps) if self.warmup_steps else 1.0
+            g = self.tangent(x_tau, tau, dxdt, F_minus.float(), F_jvp.float(), r)
+            if self.tangent_norm:
+                g = g / (expand_t(g.pow(2).flatten(1).mean(1).sqrt(), g) + self.tangent_c)
+        F_theta = self.F(net, x_tau, tau)
+        mse = (F_theta.float() - F_minus.float() - g).pow(2).flatten(1).mean(1)
+        prior = 1.0 / (sd * torch.tan(tau))  # 1 / sigma
+        if not self.adaptive:
+            return (prior * mse).mean()
+        weighting = self.weight_net(dev)
+        logvar = weighting(tau)
+        w_loss = (prior * mse.detach() * torch.exp(-logvar) + logvar).mean()  # l's own step, DDP-averaged
+        grads = torch.autograd.grad(w_loss, list(weighting.parameters()))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for gr in grads:
+                torch.distributed.all_reduce(gr)
+                gr /= torch.distributed.get_world_size()
+        for p, gr in zip(weighting.parameters(), grads):
+            p.grad = gr
+        self.weight_opt.step()
+        self.last_metrics = {"mse": mse.mean().item()}
+        return (prior * mse * torch.exp(-logvar.detach()) + logvar.detach()).mean()
+
+    def sample(self, net, noise, nfe):
+        self.check_nfe(nfe)
+        b, dev, sd = noise.shape[0], noise.device, self.sigma_data
+        full = lambda t: torch.full((b,), float(t), device=dev)  # noqa: E731
+        ts = grid_times(nfe, self.times)
+        x1 = self.consistency_fn(net, sd * noise, t_to_trig(full(ts[0]), sd))  # x_(pi/2) = z = sigma_d x0
+        for t in ts[1:-1]:
+            tau = t_to_trig(full(t), sd)
+            x_tau = expand_t(torch.cos(tau), x1) * x1 + expand_t(torch.sin(tau), x1) * sd * torch.randn_like(x1)
+            x1 = self.consistency_fn(net, x_tau, tau)
+        return x1
 
 
 @dataclasses.dataclass(eq=False)
@@ -1086,8 +1294,209 @@ class LD3Optimizer:
         self.sgd.load_state_dict(state["sgd"])
 
 
-METHODS = {m.name: m for m in (RectifiedFlow, Reflow, Shortcut, MeanFlow, ImprovedMeanFlow, ConsistencyModel, CTM,
-                               ProgressiveDistillation, LD3)}
+# ---- dmd2: distribution matching distillation --------------------------------------------------------------------
+class FeatureHead(torch.nn.Module):
+    """dmd2's classifier on the fake score's bottleneck: conv 4x4 stride 2, GroupNorm, SiLU, 1x1 conv to a logit
+    per position, averaged per image."""
+    def __init__(self, channels):
+        super().__init__()
+        nn = torch.nn
+        self.layers = nn.Sequential(nn.Conv2d(channels, channels, 4, 2, 1), nn.GroupNorm(min(32, channels), channels),
+                                    nn.SiLU(), nn.Conv2d(channels, 1, 1))
+
+    def forward(self, h):
+        return self.layers(h.float()).flatten(1).mean(1)
+
+
+@dataclasses.dataclass(eq=False)
+class DMD2(Method):
+    """DMD2: a generator started from a flow teacher is trained so that its samples' distribution matches the data:
+    the gradient is the difference of two denoisers at re-noised generator samples, the teacher's (the data's
+    score) and that of a fake-score network trained online by flow matching on the generator's own samples; a GAN
+    term through a classifier head on the fake network's features adds real data. No regression loss.
+
+    Paper: Yin, Gharbi, Park, Zhang, Shechtman, Durand, Freeman. Improved Distribution Matching Distillation for Fast
+    Image Synthesis. NeurIPS 2024, arXiv:2405.14867 (DMD: Yin et al., CVPR 2024, arXiv:2311.18828).
+
+        x_hat = G(x_tk, t_k) = x_tk + (1 - t_k) v_G(x_tk, t_k)          (one network call; from the teacher: its denoiser)
+        x_t = (1 - t) n + t x_hat,  t ~ U[t_min, t_max],  D_net(x_t) = x_t + (1 - t) v_net(x_t, t)
+        grad = (D_fake(x_t) - D_real(x_t)) / mean|x_hat - D_real(x_t)|     (DMD Eq. 7-8, per image)
+        L_G = 0.5 || x_hat - sg(x_hat - grad) ||^2 + gan_weight softplus(-h(phi_fake(x_t)))   (dL/dx_hat = grad)
+        L_fake = || v_fake(x_t, t) - (sg x_hat - n) ||^2 + cls_weight [softplus(h(phi(x_t))) + softplus(-h(phi(x1_t')))]
+    D_real - D_fake points from the generator's distribution toward the data's at noise level t (the denoisers are
+    the scores up to t x - ... scalings that the normalisation removes). Two time-scale rule: fake_updates
+    fake-score steps (fresh generator samples each, its own AdamW) per generator step. The fake network and the
+    head start from the teacher and from scratch; the head reads the fake network's middle block (DMD2 Sec. 4.3),
+    so the GAN needs no external backbone. Multistep (Sec. 4.4): the generator is trained at the times of the
+    grids k / n of the run's NFEs, its input at t_k made by backward simulation (the generator's own chain from
+    noise, re-noised to t_k: what it meets at sampling), not by noising real images. Sampling: x_hat = G(x, t_0);
+    x = (1 - t_(k+1)) n + t_(k+1) x_hat; ... (NFE n: n calls). Deviations: t ~ uniform (the paper's timesteps
+    20..980 of 1000), the fake steps reuse the generator step's real batch for the GAN's real side.
+    """
+    name = "dmd2"
+    teacher_methods, needs_teacher, init_from_teacher = ("rf", "reflow"), True, True
+    nfes: tuple = option((1, 2, 4), "NFEs whose grids k / n the generator trains on", flag="--nfe")
+    fake_updates: int = option(5, "fake-score updates per generator update (two time-scale rule)",
+                               flag="--dmd-fake-updates")
+    fake_lr: float = option(None, "the fake score's AdamW rate (default: the run's --lr)", flag="--dmd-fake-lr")
+    t_min: float = option(0.02, "smallest re-noising time", flag="--dmd-t-min")
+    t_max: float = option(0.98, "largest re-noising time", flag="--dmd-t-max")
+    gan_weight: float = option(3e-3, "weight of the generator's GAN term, 0 = off", flag="--dmd-gan-weight")
+    cls_weight: float = option(1e-2, "weight of the head's classification loss in the fake update",
+                               flag="--dmd-cls-weight")
+
+    def __post_init__(self):
+        self.nfes = tuple(sorted(set(self.nfes)))
+        require(self.nfes and all(isinstance(n, int) and n >= 1 for n in self.nfes),
+                f"nfes must be integers >= 1, got {self.nfes!r}")
+        require(isinstance(self.fake_updates, int) and self.fake_updates >= 1,
+                f"fake_updates must be an integer >= 1 (the paper: 5), got {self.fake_updates!r}")
+        require(0 < self.t_min < self.t_max < 1, f"need 0 < t_min < t_max < 1, got {self.t_min}, {self.t_max}")
+        require(self.gan_weight >= 0 and self.cls_weight >= 0, "gan_weight and cls_weight must be >= 0")
+        require(self.fake_lr is None or self.fake_lr > 0, f"fake_lr must be > 0, got {self.fake_lr!r}")
+        self.grid = sorted({k / n for n in self.nfes for k in range(n)})  # the generator's input times
+        self.fake = self.head = self.fake_opt = None  # built at the first step from the teacher
+        self.fake_pending, self.lr, self._feat = {}, 1e-3, None
+
+    def check_nfe(self, nfe):
+        if nfe not in self.nfes:
+            raise UnsupportedNFE(f"dmd2 trains its generator on the grids of NFE {', '.join(map(str, self.nfes))} "
+                                 f"(--nfe of the run): it can do those, not {nfe!r}")
+
+    @staticmethod
+    def denoise(net, x_t, t):
+        """x_t + (1 - t) v(x_t, t): a flow net's data prediction (the generator's output; the teacher's E[x1|x_t])."""
+        return x_t + expand_t(1 - t, x_t) * net(x_t, TIME_SCALE * t)
+
+    def simulate(self, net, noise, k):
+        """The generator's input at grid[k] by backward simulation: its own chain from noise, re-noised. k calls."""
+        x = noise
+        for j in range(k):
+            t = torch.full((len(x),), self.grid[j], device=x.device)
+            x = (1 - self.grid[j + 1]) * torch.randn_like(x) + self.grid[j + 1] * self.denoise(net, x, t)
+        return x
+
+    def generate(self, net, noise):
+        """(x_hat, t_k): the generator's sample from its input at a random grid time (the chain without gradient)."""
+        k = int(torch.randint(len(self.grid), ()))
+        with torch.no_grad():
+            x = self.simulate(net, noise, k)
+        t = torch.full((len(x),), self.grid[k], device=x.device)
+        return self.denoise(net, x, t), t
+
+    def make_optimizer(self, net, lr, weight_decay):
+        self.lr, self.weight_decay = lr, weight_decay
+        return super().make_optimizer(net, lr, weight_decay)
+
+    def networks(self, like):
+        """The fake score (a copy of the teacher), its head and their AdamW, built on like's device."""
+        if self.fake is None:
+            self.fake = copy.deepcopy(self.teacher).train().requires_grad_(True)
+        if self.head is None and self.gan_weight > 0:
+            block = getattr(self.fake, "middle_block", None)
+            if block is None:
+                raise ValueError("dmd2's GAN head reads the fake score's middle_block (a unet.py network): use "
+                                 "--dmd-gan-weight 0 with this network")
+            block.register_forward_hook(lambda m, i, out: setattr(self, "_feat", out))
+            with torch.random.fork_rng(devices=[]):  # its initial weights must not move the training RNG stream
+                torch.manual_seed(0)
+                channels = [m for m in block.modules() if isinstance(m, torch.nn.Conv2d)][-1].out_channels
+                self.head = FeatureHead(channels).to(like.device)
+        if self.fake_opt is None:
+            params = list(self.fake.parameters()) + (list(self.head.parameters()) if self.head is not None else [])
+            self.fake_opt = torch.optim.AdamW(params, lr=self.fake_lr or self.lr,
+                                              weight_decay=getattr(self, "weight_decay", 0.0))
+            if "fake" in self.fake_pending:
+                self.fake.load_state_dict(self.fake_pending["fake"])
+                if self.head is not None:
+                    self.head.load_state_dict(self.fake_pending["head"])
+                self.fake_opt.load_state_dict(self.fake_pending["fake_opt"])
+            self.fake_pending = {}
+        return self.fake, self.head
+
+    def state_dict(self):
+        if self.fake_opt is None:
+            return dict(self.fake_pending)
+        return {"fake": self.fake.state_dict(), "fake_opt": self.fake_opt.state_dict(),
+                **({"head": self.head.state_dict()} if self.head is not None else {})}
+
+    def load_state_dict(self, state):
+        self.fake = self.head = self.fake_opt = None
+        self.fake_pending = dict(state)
+
+    def renoise(self, x):
+        t = self.t_min + (self.t_max - self.t_min) * torch.rand(len(x), device=x.device)
+        n = torch.randn_like(x)
+        return interpolate(n, x, t), t, n
+
+    def fake_loss(self, fake, head, x_hat, x1):
+        """Flow matching of the fake score on (detached) generator samples, plus the head's real/fake loss."""
+        x_t, t, n = self.renoise(x_hat.detach())
+        loss = F.mse_loss(fake(x_t, TIME_SCALE * t).float(), (x_hat.detach() - n).float())
+        if head is not None:
+            logit_fake = head(self._feat)
+            x1_t, t1, _ = self.renoise(x1)
+            fake(x1_t, TIME_SCALE * t1)
+            loss = loss + self.cls_weight * (F.softplus(logit_fake).mean() + F.softplus(-head(self._feat)).mean())
+        return loss
+
+    def fake_step(self, net, x1):
+        """One AdamW step of the fake score (and head) on fresh generator samples; gradients averaged over ranks."""
+        fake, head = self.networks(x1)
+        fake.requires_grad_(True)
+        with torch.no_grad():
+            x_hat, _ = self.generate(net, torch.randn_like(x1))
+        loss = self.fake_loss(fake, head, x_hat, x1)
+        self.fake_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in self.fake_opt.param_groups for p in g["params"] if p.grad is not None]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for p in params:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= torch.distributed.get_world_size()
+        self.fake_opt.step()
+        return loss.detach()
+
+    def generator_loss(self, net, x_hat):
+        """DMD's distribution-matching loss (whose gradient in x_hat is `grad`) plus the GAN term."""
+        fake, head = self.networks(x_hat)
+        fake.requires_grad_(False)  # the generator's step: gradient through the fake network's input only
+        x_t, t, _ = self.renoise(x_hat)
+        with torch.no_grad():
+            d_real = self.denoise(self.teacher, x_t, t).float()
+        with torch.set_grad_enabled(head is not None):  # a graph to x_hat only for the GAN term's features
+            d_fake = self.denoise(fake, x_t, t).float()
+        x = x_hat.float()
+        with torch.no_grad():
+            weight = 1.0 / ((x - d_real).abs().flatten(1).mean(1) + 1e-6)  # DMD's per-image normalisation
+            grad = (d_fake.detach() - d_real) * expand_t(weight, x)
+        loss = 0.5 * F.mse_loss(x, (x - grad).detach())
+        if head is not None and self.gan_weight > 0:
+            g_loss = F.softplus(-head(self._feat)).mean()
+            self.last_metrics = {**self.last_metrics, "g_gan": g_loss.item()}
+            loss = loss + self.gan_weight * g_loss
+        return loss
+
+    def loss(self, net, x1, x0=None, ema=None):
+        if self.teacher is None:
+            raise ValueError("dmd2 needs method.teacher (the runner sets it from --teacher)")
+        fake_losses = [self.fake_step(net, x1) for _ in range(self.fake_updates)]
+        self.last_metrics = {"fake_loss": torch.stack(fake_losses).mean().item()}
+        x_hat, _ = self.generate(net, torch.randn_like(x1) if x0 is None else x0)
+        return self.generator_loss(net, x_hat)
+
+    def sample(self, net, noise, nfe):
+        self.check_nfe(nfe)
+        x = noise
+        for k in range(nfe):
+            x_hat = self.denoise(net, x, torch.full((len(x),), k / nfe, device=x.device))
+            if k < nfe - 1:
+                x = interpolate(torch.randn_like(x), x_hat, torch.full((len(x),), (k + 1) / nfe, device=x.device))
+        return x_hat
+
+
+METHODS = {m.name: m for m in (RectifiedFlow, Reflow, Shortcut, MeanFlow, ImprovedMeanFlow, PixelMeanFlow,
+                               ConsistencyModel, ContinuousConsistency, CTM, ProgressiveDistillation, LD3, DMD2)}
 
 
 def main(argv=None):

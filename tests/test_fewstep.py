@@ -115,6 +115,30 @@ def ks_pvalue(method, net, nfe, n=2000, seed=1):
     return scipy.stats.kstest(x[:, 0].numpy(), "norm", args=(M, S)).pvalue
 
 
+class Perturbed(nn.Module):
+    """exact(x, t, cond) + a + b x with (a, b) = 0: the exact solution, with two directions to differentiate in."""
+
+    def __init__(self, exact):
+        super().__init__()
+        self.exact, self.ab = exact, nn.Parameter(torch.zeros(2))
+
+    def forward(self, x, t, cond=None):
+        return self.exact(x, t, cond) + self.ab[0] + self.ab[1] * x
+
+
+def stationarity_z(loss_fn, exact, batches=30):
+    """The largest |mean| / standard error of d loss / d(a, b) over independent batches, at a = b = 0: the
+    expected gradient vanishes at a stationary point (z of order 1), not elsewhere (z grows with the batches)."""
+    net, grads = Perturbed(exact), []
+    for k in range(batches):
+        torch.manual_seed(1000 + k)
+        net.zero_grad()
+        loss_fn(net).backward()
+        grads.append(net.ab.grad.clone())
+    g = torch.stack(grads).double()
+    return (g.mean(0) / (g.std(0) / batches ** 0.5 + 1e-30)).abs().max().item()
+
+
 def grid_x(t):
     """Points where x_t has its mass: t M + sigma_t z for z in [-2, 2] (the net never sees the far tails)."""
     return t * M + sigma(t) * torch.linspace(-2, 2, 11)[:, None]
