@@ -1,6 +1,6 @@
 """Few-step generation: flow models trained from scratch to be good at 1, 2 and 4 network evaluations (NFE).
 
-Nine methods, one class each: its docstring is the paper (summary, `Paper:`, equations with their numbers, every
+Twelve methods, one class each: its docstring is the paper (summary, `Paper:`, equations with their numbers, every
 deviation and why); `loss(net, x1, x0=None, ema=None)` trains any `net(x, t, cond=None)`, `sample(net, noise, nfe)`
 calls it exactly nfe times. trainer.py holds the loop, command line, evaluation and report; cs492c.py the CS492(C)
 course adapter and export. Only the standard library, torch and numpy are imported: copy this file anywhere.
@@ -18,10 +18,13 @@ exactly); the runner sets `teacher` and `training_step`; hooks for more than a l
     shortcut  Shortcut                 Frans et al., arXiv:2410.12557
     meanflow  MeanFlow                 Geng et al., arXiv:2505.13447
     imf       ImprovedMeanFlow         Geng et al., arXiv:2512.02012
+    pmf       PixelMeanFlow            Lu et al., arXiv:2601.22158
     cm        ConsistencyModel         Song et al., arXiv:2303.01469; Song & Dhariwal, arXiv:2310.14189
+    scm       ContinuousConsistency    Lu & Song, arXiv:2410.11081
     ctm       CTM                      Kim et al., arXiv:2310.02279
     pd        ProgressiveDistillation  Salimans & Ho, arXiv:2202.00512
     ld3       LD3                      Tong et al., arXiv:2405.15506
+    dmd2      DMD2                     Yin et al., arXiv:2405.14867
 """
 import copy
 import dataclasses
@@ -491,9 +494,9 @@ class ImprovedMeanFlow(MeanFlow):
 
 @dataclasses.dataclass(eq=False)
 class PixelMeanFlow(ImprovedMeanFlow):
-    """Pixel MeanFlow: improved MeanFlow with x-prediction. The network outputs an image x_hat(x_t, t, s), the
-    average velocity is derived from it in closed form, and the loss is iMF's velocity-space loss on that u; one
-    step from noise returns x_hat(x0, 0, 1) itself, so the network's output lives on the image manifold.
+    """Pixel MeanFlow: improved MeanFlow whose network outputs an image x_hat(x_t, t, s) (x-prediction) instead of
+    a velocity; the average velocity is derived from it in closed form and trained by iMF's velocity-space loss,
+    and one step from noise returns x_hat(x0, 0, 1) itself, so the output lives on the image manifold.
 
     Paper: Lu, Lu, Sun, Zhao, Jiang, Wang, Li, Geng, He. One-step Latent-free Image Generation with Pixel Mean Flows.
     ICML 2026, arXiv:2601.22158.
@@ -762,7 +765,8 @@ class ContinuousConsistency(Method):
 
     def weight_net(self, device):
         if self.weighting is None:
-            self.weighting = AdaptiveWeight().to(device)
+            with torch.random.fork_rng(devices=[]):  # nn.Linear's init draws: keep a resumed run's stream exact
+                self.weighting = AdaptiveWeight().to(device)
             self.weight_opt = torch.optim.Adam(self.weighting.parameters(), lr=self.lr)
             if self.weight_pending:
                 self.weighting.load_state_dict(self.weight_pending["weighting"])
@@ -1316,7 +1320,8 @@ class DMD2(Method):
     term through a classifier head on the fake network's features adds real data. No regression loss.
 
     Paper: Yin, Gharbi, Park, Zhang, Shechtman, Durand, Freeman. Improved Distribution Matching Distillation for Fast
-    Image Synthesis. NeurIPS 2024, arXiv:2405.14867 (DMD: Yin et al., CVPR 2024, arXiv:2311.18828).
+    Image Synthesis. NeurIPS 2024, arXiv:2405.14867. Yin, Gharbi, Zhang, Shechtman, Durand, Freeman, Park. One-step
+    Diffusion with Distribution Matching Distillation. CVPR 2024, arXiv:2311.18828 (DMD).
 
         x_hat = G(x_tk, t_k) = x_tk + (1 - t_k) v_G(x_tk, t_k)          (one network call; from the teacher: its denoiser)
         x_t = (1 - t) n + t x_hat,  t ~ U[t_min, t_max],  D_net(x_t) = x_t + (1 - t) v_net(x_t, t)

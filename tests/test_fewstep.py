@@ -317,10 +317,14 @@ def rf_teacher(tmp_path_factory):
 @pytest.mark.parametrize("name", [n for n in fewstep.METHODS if n not in ("pd", "ld3")])  # tests/test_fewstep_pd_ld3.py
 def test_each_method_trains_with_falling_loss_and_writes_its_samples(name, tmp_path, rf_teacher):
     extra = {"reflow": ["--teacher", str(rf_teacher), "--num-pairs", "64", "--teacher-steps", "4"],
-             "ctm": ["--teacher", str(rf_teacher), "--ctm-scales", "6", "--ctm-heun-steps", "2"]}.get(name, [])
+             "ctm": ["--teacher", str(rf_teacher), "--ctm-scales", "6", "--ctm-heun-steps", "2"],
+             "dmd2": ["--teacher", str(rf_teacher), "--dmd-fake-updates", "2"]}.get(name, [])
     result = fewstep.main(["--method", name, *TINY, "--steps", "24", "--out", str(tmp_path), *extra, "--report"])
     loss = losses(tmp_path)
-    assert len(loss) == 24 and np.mean(loss[:6]) > np.mean(loss[-6:]), loss
+    # scm's squared error is that of the normalised tangent g at theta = theta- (its gradient, not a distance to a
+    # target): it does not fall as the model improves, so only its length and finiteness are checked
+    falls = name == "scm" or np.mean(loss[:6]) > np.mean(loss[-6:])
+    assert len(loss) == 24 and np.isfinite(loss).all() and falls, loss
     assert result["nfe_checked"] == {"1": 1, "2": 2, "4": 4}
     for nfe in (1, 2, 4):
         assert len(list((tmp_path / "samples" / f"nfe={nfe}").glob("*.png"))) == 8

@@ -10,17 +10,20 @@ Known answers (derived here, independently of fewstep.py), for 1-D Gaussian data
   N(M, S^2), re-noised they follow the data path exactly, and the fake score's flow-matching loss on them is
   stationary at the exact velocity.
 """
-import math
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-import scipy.stats
 import torch
 import torch.nn as nn
 
 import fewstep
 from fewstep import ContinuousConsistency, expand_t
-from test_fewstep import M, S, ExactVelocityNet, exact_flow, ks_pvalue, stationarity_z
+from test_fewstep import ROOT, TINY, M, S, ExactVelocityNet, exact_flow, ks_pvalue, losses, stationarity_z
+from test_fewstep import rf_teacher  # noqa: F401  (module fixture: a 30-step rf run)
 from test_fewstep import one_thread  # noqa: F401  (autouse fixture: small MLPs on one thread)
 
 SD = 0.8  # sigma_d, not the data's S: with S = sigma_d and mean 0 TrigFlow's paths are arcs where F = F*
@@ -196,3 +199,43 @@ def test_dmd2_gradient_moves_a_shifted_generator_back_to_the_data(swapped):
             grads.append(gen.a.grad.item())
         g = np.array(grads)
         assert np.all(np.sign(g) == (-1 if swapped else 1) * np.sign(a)), g
+
+
+# ---- machinery: resume and DDP with the methods' own networks (scm's weight l(tau), dmd2's fake score and head) ----
+@pytest.mark.parametrize("name, extra", [("scm", ["--scm-warmup-steps", "4"]),
+                                         ("dmd2", ["--dmd-fake-updates", "2", "--dmd-gan-weight", "0.5"])])
+def test_resume_gives_the_same_losses_weights_and_method_state_as_an_uninterrupted_run(name, extra, tmp_path,
+                                                                                      rf_teacher):  # noqa: F811
+    """scm as sCD (the teacher's conversion on a real network) and dmd2 with its GAN head: 3 + 3 steps equal 6,
+    the method's own networks and optimisers included (saved in ckpt.pt's method_state)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = ["--method", name, *TINY, "--teacher", str(rf_teacher), "--nfe", "1", "2", *extra]
+    fewstep.main([*args, "--steps", "6", "--out", str(a), "--num-samples", "4", "--no-fid"])
+    fewstep.main([*args, "--steps", "3", "--out", str(b), "--num-samples", "4", "--no-fid"])
+    fewstep.main([*args, "--steps", "6", "--out", str(b), "--num-samples", "4", "--no-fid"])
+    assert losses(a) == losses(b) and len(losses(a)) == 6
+    sa, sb = torch.load(a / "ckpt.pt", weights_only=True), torch.load(b / "ckpt.pt", weights_only=True)
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+    state_a, state_b = sa["method_state"], sb["method_state"]
+    keys = {"scm": ("weighting",), "dmd2": ("fake", "head")}[name]
+    for key in keys:
+        assert state_a[key] and state_a[key].keys() == state_b[key].keys()
+        for k in state_a[key]:
+            assert torch.equal(state_a[key][k], state_b[key][k]), (key, k)
+    if name == "dmd2":
+        records = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+        assert all(np.isfinite(r["fake_loss"]) and np.isfinite(r["g_gan"]) for r in records)
+
+
+def test_torchrun_two_gloo_processes_train_scm_and_dmd2_with_their_own_networks_in_step(tmp_path, rf_teacher):  # noqa: F811
+    """Both methods keep a network outside DDP (scm's l(tau), dmd2's fake score and head) whose gradients they
+    average over the ranks themselves; the runs finish with identical generator weights on both ranks."""
+    for name, extra in (("scm", []), ("dmd2", ["--teacher", str(rf_teacher), "--dmd-fake-updates", "1"])):
+        out = tmp_path / name
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            str(ROOT / "fewstep.py"), "--method", name, *TINY, "--steps", "3", "--device", "cpu",
+                            "--out", str(out), "--nfe", "1", "--num-samples", "4", "--no-fid", *extra],
+                           capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "all 2 ranks hold identical weights at step 3" in r.stdout
