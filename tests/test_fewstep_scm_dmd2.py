@@ -160,8 +160,8 @@ class ShiftedGenerator(nn.Module):
 
 def test_dmd2_exact_generator_samples_the_target_at_nfe_1_2_4_and_its_fake_score_is_stationary_at_the_truth():
     """Backward simulation and multistep sampling re-noise exact samples onto the data path, so every NFE is exact;
-    the fake score's flow matching on those samples is stationary at the data's velocity (measured z ~ 1), and
-    not when it is told the other time convention (1 - t; z ~ 70)."""
+    the fake score's flow matching on those samples is stationary at the data's velocity (measured z 1.9), and
+    not when it is told the other time convention (1 - t; z 145)."""
     method = fewstep.DMD2(gan_weight=0.0)
     for nfe in (1, 2, 4):
         assert ks_pvalue(method, ShiftedGenerator(), nfe) > 1e-3, nfe
