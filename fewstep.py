@@ -1,18 +1,16 @@
 """Few-step generation: flow models trained from scratch to be good at 1, 2 and 4 network evaluations (NFE).
 
-Twelve methods, one class each: its docstring is the paper (summary, `Paper:`, equations with their numbers, every
-deviation and why); `loss(net, x1, x0=None, ema=None)` trains any `net(x, t, cond=None)`, `sample(net, noise, nfe)`
-calls it exactly nfe times. trainer.py holds the loop, command line, evaluation and report; cs492c.py the CS492(C)
-course adapter and export. Only the standard library, torch and numpy are imported: copy this file anywhere.
+Twelve methods, one class each: its docstring is the paper (summary, `Paper:`, equations, every deviation and why);
+`loss(net, x1, x0=None, ema=None)` trains any `net(x, t, cond=None)`, `sample(net, noise, nfe)` calls it exactly nfe
+times. trainer.py holds the loop, CLI, evaluation and report; cs492c.py the course export. Copy this file anywhere.
 
 Time convention: t in [0, 1], t = 0 is noise x0 ~ N(0, I), t = 1 is data x1 (an image in [-1, 1]); the path is
-x_t = (1 - t) x0 + t x1 and sampling integrates FORWARD from 0 to 1. Papers that run the other way (MeanFlow's
-z_t = (1 - t') x + t' e, EDM's sigma) are mapped in their class's docstring. The network sees TIME_SCALE t (and a
-second scalar, shortcut's d or CTM's s, alike): unet.py's embedding was made for DDPM's integer steps 0..999.
+x_t = (1 - t) x0 + t x1 and sampling integrates FORWARD from 0 to 1. Other conventions (MeanFlow's t', EDM's sigma,
+TrigFlow's tau) are mapped in their class's docstring. The network sees TIME_SCALE t (a second scalar alike).
 
-Protocol (class Method): options as dataclass fields `x: float = option(default, "help")` (saved with the run;
-trainer.py makes them flags), `loss`, `sample` and `check_nfe(nfe)` (UnsupportedNFE for an NFE it cannot do
-exactly); the runner sets `teacher` and `training_step`; hooks for more than a loss default to nothing.
+Protocol (class Method): options as dataclass fields `x: float = option(default, "help")` (saved with the run, made
+flags by trainer.py), `loss`, `sample`, `check_nfe(nfe)` (UnsupportedNFE for an NFE it cannot do exactly); the
+runner sets `teacher` and `training_step`; hooks for more than a loss default to nothing.
     rf        RectifiedFlow            Liu et al., arXiv:2209.03003; Lipman et al., arXiv:2210.02747
     reflow    Reflow                   Liu et al., arXiv:2209.03003 (Sec. 2.3)
     shortcut  Shortcut                 Frans et al., arXiv:2410.12557
@@ -33,7 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-TIME_SCALE, TIME_DISTS = 1000.0, ("uniform", "logit-normal")  # the network sees 1000 t (and d, s): see above
+TIME_SCALE, TIME_DISTS = 1000.0, ("uniform", "logit-normal")  # 1000 t: unet.py embeds DDPM's integer steps 0..999
 
 
 def option(default, help, flag=None, choices=None):  # default: the paper's unless the help says otherwise
@@ -686,7 +684,8 @@ class ContinuousConsistency(Method):
     Paper: Lu, Song. Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models. ICLR 2025,
     arXiv:2410.11081.
 
-        x_tau = cos(tau) x1 + sin(tau) z,  f_theta(x_tau, tau) = cos(tau) x_tau - sin(tau) sigma_d F_theta(x_tau / sigma_d, tau)
+        x_tau = cos(tau) x1 + sin(tau) z,   z ~ N(0, sigma_d^2 I),   tau in [0, pi/2],  tau = 0 data
+        f_theta(x_tau, tau) = cos(tau) x_tau - sin(tau) sigma_d F_theta(x_tau / sigma_d, tau)
         dx/dtau = cos(tau) z - sin(tau) x1 (sCT),  or the teacher's sigma_d F* (sCD, below)
         g = -cos^2(tau) (sigma_d F_theta- - dx/dtau) - r cos(tau) sin(tau) (x_tau + sigma_d dF_theta-/dtau)
         L = E [ e^(-l(tau)) / (sigma_d tan tau) mean( (F_theta - F_theta- - g / (rms(g) + c))^2 ) + l(tau) ]
@@ -755,7 +754,7 @@ class ContinuousConsistency(Method):
             return torch.func.jvp(lambda x, tt: self.F(module, x, tt), (x_tau, tau), (expand_t(cs, x_tau) * dxdt, cs))
 
     def tangent(self, x_tau, tau, dxdt, F_minus, F_jvp, r):
-        """g = -cos^2 (sigma_d F- - dx/dtau) - r cos sin x_tau - r sigma_d (cos sin dF-/dtau); = cos df/dtau at r = 1."""
+        """g = -cos^2 (sigma_d F- - dx/dtau) - r cos sin x_tau - r sigma_d (cos sin dF-/dtau), cos df/dtau at r = 1."""
         c, s = expand_t(torch.cos(tau), x_tau), expand_t(torch.sin(tau), x_tau)
         return -c ** 2 * (self.sigma_data * F_minus - dxdt) - r * (c * s * x_tau + self.sigma_data * F_jvp)
 
@@ -1323,7 +1322,7 @@ class DMD2(Method):
     Image Synthesis. NeurIPS 2024, arXiv:2405.14867. Yin, Gharbi, Zhang, Shechtman, Durand, Freeman, Park. One-step
     Diffusion with Distribution Matching Distillation. CVPR 2024, arXiv:2311.18828 (DMD).
 
-        x_hat = G(x_tk, t_k) = x_tk + (1 - t_k) v_G(x_tk, t_k)          (one network call; from the teacher: its denoiser)
+        x_hat = G(x_tk, t_k) = x_tk + (1 - t_k) v_G(x_tk, t_k)     (one call; started from the teacher: its denoiser)
         x_t = (1 - t) n + t x_hat,  t ~ U[t_min, t_max],  D_net(x_t) = x_t + (1 - t) v_net(x_t, t)
         grad = (D_fake(x_t) - D_real(x_t)) / mean|x_hat - D_real(x_t)|     (DMD Eq. 7-8, per image)
         L_G = 0.5 || x_hat - sg(x_hat - grad) ||^2 + gan_weight softplus(-h(phi_fake(x_t)))   (dL/dx_hat = grad)

@@ -204,8 +204,8 @@ def test_dmd2_gradient_moves_a_shifted_generator_back_to_the_data(swapped):
 # ---- machinery: resume and DDP with the methods' own networks (scm's weight l(tau), dmd2's fake score and head) ----
 @pytest.mark.parametrize("name, extra", [("scm", ["--scm-warmup-steps", "4"]),
                                          ("dmd2", ["--dmd-fake-updates", "2", "--dmd-gan-weight", "0.5"])])
-def test_resume_gives_the_same_losses_weights_and_method_state_as_an_uninterrupted_run(name, extra, tmp_path,
-                                                                                      rf_teacher):  # noqa: F811
+def test_resume_gives_the_same_losses_weights_and_method_state_as_an_uninterrupted_run(
+        name, extra, tmp_path, rf_teacher):  # noqa: F811
     """scm as sCD (the teacher's conversion on a real network) and dmd2 with its GAN head: 3 + 3 steps equal 6,
     the method's own networks and optimisers included (saved in ckpt.pt's method_state)."""
     a, b = tmp_path / "a", tmp_path / "b"
@@ -228,7 +228,8 @@ def test_resume_gives_the_same_losses_weights_and_method_state_as_an_uninterrupt
         assert all(np.isfinite(r["fake_loss"]) and np.isfinite(r["g_gan"]) for r in records)
 
 
-def test_torchrun_two_gloo_processes_train_scm_and_dmd2_with_their_own_networks_in_step(tmp_path, rf_teacher):  # noqa: F811
+def test_torchrun_two_gloo_processes_train_scm_and_dmd2_with_their_own_networks_in_step(
+        tmp_path, rf_teacher):  # noqa: F811
     """Both methods keep a network outside DDP (scm's l(tau), dmd2's fake score and head) whose gradients they
     average over the ranks themselves; the runs finish with identical generator weights on both ranks."""
     for name, extra in (("scm", []), ("dmd2", ["--teacher", str(rf_teacher), "--dmd-fake-updates", "1"])):
@@ -236,6 +237,7 @@ def test_torchrun_two_gloo_processes_train_scm_and_dmd2_with_their_own_networks_
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                             str(ROOT / "fewstep.py"), "--method", name, *TINY, "--steps", "3", "--device", "cpu",
                             "--out", str(out), "--nfe", "1", "--num-samples", "4", "--no-fid", *extra],
-                           capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           capture_output=True, text=True, cwd=ROOT, timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert r.returncode == 0, r.stderr[-3000:]
         assert "all 2 ranks hold identical weights at step 3" in r.stdout
