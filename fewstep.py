@@ -1381,10 +1381,11 @@ class DMD2(Method):
         return x
 
     def generate(self, net, noise):
-        """(x_hat, t_k): the generator's sample from its input at a random grid time (the chain without gradient)."""
+        """(x_hat, t_k): the generator's sample from its input at a random grid time (the chain without gradient,
+        through the unwrapped network: its calls differ in number between ranks and need no DDP)."""
         k = int(torch.randint(len(self.grid), ()))
         with torch.no_grad():
-            x = self.simulate(net, noise, k)
+            x = self.simulate(getattr(net, "module", net), noise, k)
         t = torch.full((len(x),), self.grid[k], device=x.device)
         return self.denoise(net, x, t), t
 
@@ -1442,6 +1443,7 @@ class DMD2(Method):
             x1_t, t1, _ = self.renoise(x1)
             fake(x1_t, TIME_SCALE * t1)
             loss = loss + self.cls_weight * (F.softplus(logit_fake).mean() + F.softplus(-head(self._feat)).mean())
+            self._feat = None
         return loss
 
     def fake_step(self, net, x1):
@@ -1449,7 +1451,7 @@ class DMD2(Method):
         fake, head = self.networks(x1)
         fake.requires_grad_(True)
         with torch.no_grad():
-            x_hat, _ = self.generate(net, torch.randn_like(x1))
+            x_hat, _ = self.generate(getattr(net, "module", net), torch.randn_like(x1))
         loss = self.fake_loss(fake, head, x_hat, x1)
         self.fake_opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -1477,6 +1479,7 @@ class DMD2(Method):
         loss = 0.5 * F.mse_loss(x, (x - grad).detach())
         if head is not None and self.gan_weight > 0:
             g_loss = F.softplus(-head(self._feat)).mean()
+            self._feat = None  # no graph (with DDP's hooks) kept alive past the step
             self.last_metrics = {**self.last_metrics, "g_gan": g_loss.item()}
             loss = loss + self.gan_weight * g_loss
         return loss
