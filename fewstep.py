@@ -1327,8 +1327,8 @@ class DMD2(Method):
         grad = (D_fake(x_t) - D_real(x_t)) / mean|x_hat - D_real(x_t)|     (DMD Eq. 7-8, per image)
         L_G = 0.5 || x_hat - sg(x_hat - grad) ||^2 + gan_weight softplus(-h(phi_fake(x_t)))   (dL/dx_hat = grad)
         L_fake = || v_fake(x_t, t) - (sg x_hat - n) ||^2 + cls_weight [softplus(h(phi(x_t))) + softplus(-h(phi(x1_t')))]
-    D_real - D_fake points from the generator's distribution toward the data's at noise level t (the denoisers are
-    the scores up to t x - ... scalings that the normalisation removes). Two time-scale rule: fake_updates
+    Why: the score of x_t's law is (t D(x_t) - x_t) / (1 - t)^2, so s_real - s_fake = t (D_real - D_fake) / (1 - t)^2,
+    and -grad is the KL's descent direction up to that positive factor of t. Two time-scale rule: fake_updates
     fake-score steps (fresh generator samples each, its own AdamW) per generator step. The fake network and the
     head start from the teacher and from scratch; the head reads the fake network's middle block (DMD2 Sec. 4.3),
     so the GAN needs no external backbone. Multistep (Sec. 4.4): the generator is trained at the times of the
