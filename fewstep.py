@@ -286,6 +286,14 @@ def parse_times(times, name, lo=0.0, hi=1.0):
 
 
 # ---- meanflow / imf: average-velocity models ---------------------------------------------------------------------
+def jvp(fn, primals, tangents):
+    """torch.func.jvp with attention held to its math backend (matmul + softmax have forward-mode rules; fused
+    kernels may not)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch.func.jvp(fn, primals, tangents)
+
+
 @dataclasses.dataclass(eq=False)
 class MeanFlow(Method):
     """MeanFlow: the network predicts the average velocity u(x_t, t, s) over [t, s], so that x_s = x_t + (s - t) u.
@@ -355,12 +363,9 @@ class MeanFlow(Method):
         return net(x, self.time_scale * t, cond=self.time_scale * (s - t))
 
     def total_derivative(self, net, x, t, s, dxdt):
-        """(u_theta(x, t, s), du_theta/dt) in one forward-mode pass: the JVP along (dx, dt, ds) = (dxdt, 1, 0), with
-        attention held to its math backend (matmul + softmax have forward-mode rules; fused kernels may not)."""
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        with sdpa_kernel(SDPBackend.MATH):
-            return torch.func.jvp(lambda x, t, s: self.average_velocity(net, x, t, s), (x, t, s),
-                                  (dxdt, torch.ones_like(t), torch.zeros_like(s)))
+        """(u_theta(x, t, s), du_theta/dt) in one forward-mode pass: the JVP along (dx, dt, ds) = (dxdt, 1, 0)."""
+        return jvp(lambda x, t, s: self.average_velocity(net, x, t, s), (x, t, s),
+                   (dxdt, torch.ones_like(t), torch.zeros_like(s)))
 
     @torch.no_grad()
     def finite_difference_derivative(self, net, x, t, s, dxdt):
@@ -654,6 +659,13 @@ class ConsistencyModel(Method):
         return x
 
 
+def average_over_ranks(grads):  # a network outside DDP (a method's own): its gradients averaged as DDP would
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for g in grads:
+            torch.distributed.all_reduce(g)
+            g /= torch.distributed.get_world_size()
+
+
 # ---- scm: continuous-time consistency models on TrigFlow ----------------------------------------------------------
 # TrigFlow: x_tau = cos(tau) x1 + sin(tau) z, z ~ N(0, sigma_d^2 I), tau in [0, pi/2], tau = 0 data. Dividing by
 # cos(tau) + sigma_d sin(tau) gives this file's x_t = (1 - t) x0 + t x1 with x0 = z / sigma_d: exact, both ways.
@@ -748,10 +760,9 @@ class ContinuousConsistency(Method):
     def derivative(self, net, x_tau, tau, dxdt):
         """(F_theta-, cos sin dF_theta-/dtau): one JVP along (cos sin dx/dtau, cos sin), without gradient (theta-),
         on the unwrapped network (no DDP hooks inside the JVP) with the same dropout masks as the loss's forward."""
-        from torch.nn.attention import SDPBackend, sdpa_kernel
         module, dev, cs = getattr(net, "module", net), x_tau.device, torch.cos(tau) * torch.sin(tau)
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), sdpa_kernel(SDPBackend.MATH):
-            return torch.func.jvp(lambda x, tt: self.F(module, x, tt), (x_tau, tau), (expand_t(cs, x_tau) * dxdt, cs))
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            return jvp(lambda x, tt: self.F(module, x, tt), (x_tau, tau), (expand_t(cs, x_tau) * dxdt, cs))
 
     def tangent(self, x_tau, tau, dxdt, F_minus, F_jvp, r):
         """g = -cos^2 (sigma_d F- - dx/dtau) - r cos sin x_tau - r sigma_d (cos sin dF-/dtau), cos df/dtau at r = 1."""
@@ -804,10 +815,7 @@ class ContinuousConsistency(Method):
         logvar = weighting(tau)
         w_loss = (prior * mse.detach() * torch.exp(-logvar) + logvar).mean()  # l's own step, DDP-averaged
         grads = torch.autograd.grad(w_loss, list(weighting.parameters()))
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            for gr in grads:
-                torch.distributed.all_reduce(gr)
-                gr /= torch.distributed.get_world_size()
+        average_over_ranks(grads)
         for p, gr in zip(weighting.parameters(), grads):
             p.grad = gr
         self.weight_opt.step()
@@ -1455,11 +1463,7 @@ class DMD2(Method):
         loss = self.fake_loss(fake, head, x_hat, x1)
         self.fake_opt.zero_grad(set_to_none=True)
         loss.backward()
-        params = [p for g in self.fake_opt.param_groups for p in g["params"] if p.grad is not None]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            for p in params:
-                torch.distributed.all_reduce(p.grad)
-                p.grad /= torch.distributed.get_world_size()
+        average_over_ranks([p.grad for g in self.fake_opt.param_groups for p in g["params"] if p.grad is not None])
         self.fake_opt.step()
         return loss.detach()
 
