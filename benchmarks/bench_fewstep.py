@@ -65,8 +65,9 @@ BUDGET_ARGS = {
     "cm": "--cm-total-steps 700",
     # 17 teacher Heun steps per target make a step several rf steps; 4 leave a few hundred steps in the budget.
     "ctm": "--ctm-heun-steps 4",
-    # Four rounds (16 -> 8 -> 4 -> 2 -> 1 steps) of 90 iterations each fit the student's half of the budget.
-    "pd": "--pd-start-steps 16 --pd-round-steps 90",
+    # Four rounds (16 -> 8 -> 4 -> 2 -> 1 steps) of 50 iterations each fit the student's half of the budget on the
+    # slowest machine so far (a pd step, two teacher calls per target, costs about two rf steps).
+    "pd": "--pd-start-steps 16 --pd-round-steps 50",
     # imf: its step costs about two rf steps, so a short budget favours the smaller tiny preset; du/dt by a central
     # finite difference (--jvp-fd-step) halves the cost of a step on the CPU for the same gradient; the network
     # sees 30 t and 30 (s - t): the tiny preset's narrow embedding of t itself is nearly linear over [0, 1].
