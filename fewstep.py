@@ -52,8 +52,7 @@ def sample_time(n, device, dist="uniform", logit_mean=0.0, logit_std=1.0):  # lo
     return torch.rand(n, device=device)
 
 
-class UnsupportedNFE(ValueError):  # an NFE that a method cannot do with exactly that many network evaluations
-    pass
+class UnsupportedNFE(ValueError): pass  # an NFE that a method cannot do with exactly that many network evaluations
 
 
 @dataclasses.dataclass(eq=False)
@@ -61,6 +60,7 @@ class Method:
     """The protocol every method follows; the defaults are those of a plain loss over batches."""
     name = "method"
     uses_cond, second_scalar, time_scale = False, None, TIME_SCALE  # a second scalar? its meaning; net sees scale t
+    time_input = "t"  # the time the network is given (times time_scale): this file's t, or scm's TrigFlow tau
     teacher_methods, needs_teacher, init_from_teacher = (), False, False  # --teacher: which runs, required, init
     couples_with_teacher = False  # trains on (noise, teacher output) pairs instead of images (reflow)
     sampling_options = ()  # options of sample() alone: a resumed or re-scored run may replace them
@@ -716,7 +716,7 @@ class ContinuousConsistency(Method):
     """
     name = "scm"
     teacher_methods = ("rf",)  # optional: sCD
-    uses_jvp, sampling_options = True, ("times",)
+    uses_jvp, sampling_options, time_input = True, ("times",), "tau"
     sigma_data: float = option(0.5, "sigma_d of TrigFlow", flag="--scm-sigma-data")
     p_mean: float = option(-1.0, "mean of log(sigma_d tan tau) (the paper's CIFAR-10)", flag="--scm-p-mean")
     p_std: float = option(1.4, "std of log(sigma_d tan tau)", flag="--scm-p-std")

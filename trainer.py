@@ -803,7 +803,8 @@ def write_report(out, cfg, method, state):
              "## Method", "", " ".join(filter(None, [summary, method.describe_run()])), "",
              f"Hyperparameters of the method: `{json.dumps(cfg['method_args'])}`. Network: {network} "
              f"({cfg.get('num_parameters', 0):,} parameters), input {cfg['unet']['in_channels']}x"
-             f"{cfg['unet']['image_size']}x{cfg['unet']['image_size']}; time fed as {method.time_scale:g} t{cond}.",
+             f"{cfg['unet']['image_size']}x{cfg['unet']['image_size']}; time fed as {method.time_scale:g} "
+             f"{method.time_input}{cond}.",
              "", "## Training", "",
              f"- iterations: {state['step']:,}, global batch size {cfg['batch_size']}, AdamW lr {cfg['lr']} "
              f"(linear warmup {cfg['warmup']} steps"

@@ -339,6 +339,8 @@ def test_each_method_trains_with_falling_loss_and_writes_its_samples(name, tmp_p
     assert all((tmp_path / link).exists() for link in links), links
     assert "iterations: 24, global batch size 16" in report and "8 samples per NFE, not scored (--no-fid)" in report
     assert all(f"| {n} | - |" in report for n in (1, 2, 4)) and "against" not in report.split("## FID")[1].split("## References")[0]
+    time_fed = {"meanflow": "1 t", "imf": "1 t", "pmf": "1 t", "scm": "1 tau"}.get(name, "1000 t")  # what the net sees
+    assert f"time fed as {time_fed}" in report
     summary, citations = trainer.docstring_parts(fewstep.METHODS[name])  # the class docstring, described once
     assert summary in report and citations and all(c in report for c in citations)
     assert all(re.search(r"arXiv:\d{4}\.\d{4,5}", c) for c in citations), citations
