@@ -13,7 +13,15 @@ Datasets (all returned as uint8 tensors of shape (N, C, H, W); models see them a
                  cropped/ images 1.png ... 9877.png, resized to 64x64 RGB. Split as in the KAIST CS492(C) image
                  generation challenge (M. Sung, KAIST Visual AI Group, Fall 2025), so FIDs are comparable with its
                  leaderboard: train 8,877 ids, val 1,000 ids (data/splits/simpsons_{train,val}_split.txt).
-    folder:PATH  Any folder of .png/.jpg/.jpeg/.webp images, searched recursively, sorted by relative path.
+    pokemon      Kaggle "Pokemon Generation One" by bhawks (kaggle.com/datasets/bhawks/pokemon-generation-one-22k),
+                 151 classes, split and class ids as in the KAIST AIC313 FastGen challenge (2026): its
+                 train_split.txt (17,079), val_split.txt (3,020) and category_to_id.json, read from the course's
+                 data folder (pokemon:PATH, default <DATA>/pokemon-generation-one-22k); transparency composited on
+                 white, RGB, 64x64, as the course's download_dataset.py and dataset.py do.
+    folder:PATH  Any folder of .png/.jpg/.jpeg/.webp images, searched recursively, sorted by relative path; if
+                 every image lies in a subfolder, the first-level subfolder is its class (sorted names -> 0, 1, ...).
+Labels: load_labeled() returns (images, labels int64 (N,) or None, class names or None); mnist and mnist5k carry
+their digits, pokemon its categories, folder:PATH its subfolders; simpsons has none.
 
 Image conventions:
     uint8 (N, C, H, W) in [0, 255] on disk and in caches;  x = u / 127.5 - 1 in [-1, 1] for models (to_float);
@@ -39,6 +47,7 @@ import gzip
 import hashlib
 import importlib.util
 import io
+import json
 import math
 import os
 import struct
@@ -393,7 +402,8 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def load_folder(path, image_size=None, channels=None):
-    """Every png/jpg/jpeg/webp under `path` (recursive, sorted by relative path) as uint8 (N, C, H, W).
+    """Every png/jpg/jpeg/webp under `path` (recursive, sorted by relative path): (uint8 (N, C, H, W), (labels,
+    class names)) with the classes of folder_classes (None, None when some image is not in a subfolder).
 
     channels: 3 (RGB) or 1 (L); None picks 1 when every image is grayscale, else 3.
     image_size: resize every image to (image_size, image_size) (no crop; as the challenge's Resize((64, 64)));
@@ -421,25 +431,141 @@ def load_folder(path, image_size=None, channels=None):
         channels = 1 if modes <= {"1", "L", "LA"} else 3
     mode = "RGB" if channels == 3 else "L"
     arrays = [_decode(p, image_size, mode) for p in tqdm(files, desc=f"reading {folder}", disable=len(files) < 1000)]
-    return _stack(arrays)
+    return _stack(arrays), folder_classes(folder, files)
+
+
+def folder_classes(folder, files):
+    """(labels, names) when every file lies in a first-level subfolder of `folder` (its class; names sorted, ids
+    0, 1, ... in that order, as torchvision's ImageFolder numbers them), else (None, None)."""
+    parts = [p.relative_to(folder).parts for p in files]
+    if any(len(q) < 2 for q in parts):
+        return None, None
+    names = sorted({q[0] for q in parts})
+    index = {n: i for i, n in enumerate(names)}
+    return torch.tensor([index[q[0]] for q in parts], dtype=torch.int64), names
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pokemon Generation One with the AIC313 FastGen split (the course's files, read from its data folder)
+# ----------------------------------------------------------------------------------------------------------------
+
+POKEMON_URL = "https://www.kaggle.com/api/v1/datasets/download/bhawks/pokemon-generation-one-22k"
+POKEMON_ZIP = "pokemon-generation-one-22k.zip"
+POKEMON_DIR = "pokemon-generation-one-22k"  # the course's data folder name: split files, mapping, PokemonData/
+POKEMON_FILES = ("train_split.txt", "val_split.txt", "category_to_id.json")
+
+
+def pokemon_category(path):
+    """The class of a split entry: its folder name (PokemonData/Abra/x.png -> Abra), or for a file directly in
+    PokemonData/ the file name before its last '-' (the rule of the course's category_from_filename)."""
+    p = PurePosixPath(path)
+    return p.parent.name if p.parent.name not in ("", "PokemonData") else p.stem.rsplit("-", 1)[0]
+
+
+def on_white(im):
+    """A PIL image with transparency (an alpha band, or a palette/RGB 'transparency' entry) composited on opaque
+    white, as the course's download step rewrites such files once; others unchanged."""
+    if "A" not in im.getbands() and "transparency" not in im.info:
+        return im
+    rgba = im.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+
+def _decode_on_white(path, size, mode):
+    with Image.open(path) as im:
+        im = on_white(im).convert(mode)  # then convert and resize exactly as _decode (the course's dataset.py)
+        if size is not None and im.size != (size, size):
+            im = im.resize((size, size), RESIZE_FILTER)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def pokemon_folder(path=None, root=None):
+    """The course's data folder: pokemon:PATH, or <DATA>/pokemon-generation-one-22k; its three files checked."""
+    folder = Path(path).expanduser() if path else data_root(root) / POKEMON_DIR
+    missing = [n for n in POKEMON_FILES if not (folder / n).exists()]
+    if missing:
+        raise DatasetUnavailable(
+            f"pokemon: {', '.join(missing)} not in {folder}. The split and class ids are the course's: clone "
+            f"https://github.com/KAIST-Visual-AI-Group/AIC313-Project-FastGen and pass --data pokemon:CLONE/data/"
+            f"{POKEMON_DIR} (or copy that folder to {data_root(root) / POKEMON_DIR}). {ALTERNATIVES}")
+    return folder
+
+
+def load_pokemon(split="train", path=None, root=None, image_size=64, channels=3):
+    """(uint8 (N, C, size, size), labels int64 (N,), class names by id) of the course's split, in split-file order.
+
+    The images are read from <folder>/PokemonData (downloaded from Kaggle into it on first use, or unpacked there
+    by hand); the decoded split is cached as <folder>/pokemon_{split}_{size}px_{rgb|l}.npz."""
+    image_size, channels = image_size or 64, channels or 3
+    split = {"test": "val"}.get(split, split)
+    if split not in ("train", "val"):
+        raise rundir.UsageError(f"pokemon split must be 'train' or 'val', got {split!r}")
+    folder = pokemon_folder(path, root)
+    entries = [line.strip() for line in (folder / f"{split}_split.txt").read_text().splitlines() if line.strip()]
+    ids = {str(k): int(v) for k, v in json.loads((folder / "category_to_id.json").read_text()).items()}
+    unknown = sorted({pokemon_category(e) for e in entries} - set(ids))
+    if unknown:
+        raise DatasetUnavailable(f"pokemon: {folder / 'category_to_id.json'} has no id for {unknown[:5]}; the split "
+                                 f"and the mapping are not the course's pair")
+    labels = torch.tensor([ids[pokemon_category(e)] for e in entries], dtype=torch.int64)
+    names = [n for n, _ in sorted(ids.items(), key=lambda kv: kv[1])]
+    cache = folder / f"pokemon_{split}_{image_size}px_{'rgb' if channels == 3 else 'l'}.npz"
+    if cache.exists():
+        with np.load(cache) as z:
+            if z["entries"].tolist() == entries:  # a changed split file invalidates the cache
+                return torch.from_numpy(z["images"]), labels, names
+    images_dir = folder / "PokemonData"
+    if not images_dir.is_dir() or not any(images_dir.iterdir()):
+        hint = (f"By hand: download the archive from https://www.kaggle.com/datasets/bhawks/pokemon-generation-one-22k "
+                f"and unpack its PokemonData/ folder to {images_dir}. ")
+        zpath = download(POKEMON_URL, folder / POKEMON_ZIP, desc=POKEMON_ZIP, verify=_check_pokemon_zip, hint=hint)
+        with zipfile.ZipFile(zpath) as zf:
+            for name in tqdm(zf.namelist(), desc="unpacking PokemonData", disable=None):
+                at = name.find("PokemonData/")
+                if at >= 0 and not name.endswith("/"):
+                    dest = folder / name[at:]
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    dest.write_bytes(zf.read(name))
+    absent = [e for e in entries if not (folder / e).exists()]
+    if absent:
+        raise DatasetUnavailable(f"pokemon: {len(absent)} of the {len(entries)} '{split}' images are not under "
+                                 f"{folder} (first: {absent[0]}); it is not the full Kaggle archive. {ALTERNATIVES}")
+    mode = "RGB" if channels == 3 else "L"
+    arrays = [_decode_on_white(folder / e, image_size, mode)
+              for e in tqdm(entries, desc=f"decoding pokemon {split}", disable=len(entries) < 1000)]
+    images = _stack(arrays)
+    rundir.write_atomic(cache, lambda f: np.savez(f, images=images.numpy(), entries=np.array(entries)))
+    return images, labels, names
+
+
+def _check_pokemon_zip(path):
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"not a zip archive ({e})") from e
+    if not any("PokemonData/" in n for n in names):
+        raise ValueError("the archive holds no PokemonData/ folder")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # One entry point for the scripts
 # ----------------------------------------------------------------------------------------------------------------
 
-DATASETS = ("mnist", "mnist5k", "simpsons")  # and folder:PATH
+DATASETS = ("mnist", "mnist5k", "simpsons", "pokemon")  # and folder:PATH, pokemon:PATH
 
 
 def is_dataset_spec(spec):
-    """True for a name load() knows (mnist, mnist5k, simpsons, folder:PATH); says nothing about availability."""
-    return spec in DATASETS or spec.startswith("folder:")
+    """True for a name load() knows (mnist, mnist5k, simpsons, pokemon[:PATH], folder:PATH); says nothing about
+    availability."""
+    return spec in DATASETS or spec.startswith(("folder:", "pokemon:"))
 
 
 def data_spec(s):
     """argparse type of --data: a dataset name load() knows, checked before anything is written."""
     if not is_dataset_spec(s):
-        raise argparse.ArgumentTypeError(f"unknown dataset {s!r}; use one of {', '.join(DATASETS)} or folder:PATH")
+        raise argparse.ArgumentTypeError(f"unknown dataset {s!r}; use one of {', '.join(DATASETS)}, pokemon:PATH or "
+                                         f"folder:PATH")
     return s
 
 
@@ -447,31 +573,40 @@ def held_out_split(spec, split="train"):
     """The split of `spec` that holds images a model trained on `split` has not seen, or `split` itself where the
     dataset has none: mnist train -> test, simpsons train -> val, mnist5k even <-> odd; mnist5k's other splits (all
     5,000 digits) and folder:PATH have no held-out part, so the training images themselves are the reference."""
-    held_out = {("mnist", "train"): "test", ("simpsons", "train"): "val",
+    held_out = {("mnist", "train"): "test", ("simpsons", "train"): "val", ("pokemon", "train"): "val",
                 ("mnist5k", "even"): "odd", ("mnist5k", "odd"): "even"}
-    return held_out.get((spec, split), split)
+    return held_out.get(("pokemon" if spec.startswith("pokemon:") else spec, split), split)
 
 
 def load(spec, split="train", root=None, image_size=None, channels=None):
-    """Load a dataset by name as a uint8 tensor (N, C, H, W).
+    """Load a dataset by name as a uint8 tensor (N, C, H, W) (its labels: load_labeled).
 
     :param spec: "mnist" (train|test, (N,1,28,28)), "mnist5k" (even|odd halves, else all 5,000), "simpsons"
-        (train|val, (N,3,64,64)) or "folder:PATH". "val" means test for mnist, "test" means val for simpsons.
+        (train|val, (N,3,64,64)), "pokemon[:PATH]" (train|val, (N,3,64,64)) or "folder:PATH". "val" means test for
+        mnist, "test" means val for simpsons and pokemon.
     :param image_size, channels: optional resize (PIL bilinear, antialiased) and channel conversion (1 or 3).
     """
+    return load_labeled(spec, split, root, image_size, channels)[0]
+
+
+def load_labeled(spec, split="train", root=None, image_size=None, channels=None):
+    """(images uint8 (N, C, H, W), labels int64 (N,) or None, class names or None): load() with the classes."""
     if spec.startswith("folder:"):
-        return load_folder(spec[len("folder:"):], image_size, channels)
+        x, (y, names) = load_folder(spec[len("folder:"):], image_size, channels)
+        return x, y, names
     if spec == "simpsons":
-        return load_simpsons(split, root, image_size, channels)
+        return load_simpsons(split, root, image_size, channels), None, None
+    if spec == "pokemon" or spec.startswith("pokemon:"):
+        return load_pokemon(split, spec[len("pokemon:"):] or None, root, image_size, channels)
     if spec == "mnist":
-        x = load_mnist(root, split)[0][:, None]
+        x, y = load_mnist(root, split)
     elif spec == "mnist5k":
-        x = load_mnist5k()[0][:, None]
+        x, y = load_mnist5k()
         if split in ("even", "odd"):  # class-balanced halves: 250 of each class (rows are sorted by class)
-            x = x[0::2] if split == "even" else x[1::2]
+            x, y = (x[0::2], y[0::2]) if split == "even" else (x[1::2], y[1::2])
     else:
         raise rundir.UsageError(f"unknown dataset {spec!r}; use one of {', '.join(DATASETS)} or folder:PATH")
-    return _adapt(x, image_size, channels)
+    return _adapt(x[:, None], image_size, channels), y, [str(d) for d in range(10)]
 
 
 def to_float(x):
@@ -543,7 +678,7 @@ def save_grid(images, path, nrow=None, padding=2, scale=None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Download and cache a dataset, print its shape, write a preview.")
-    parser.add_argument("data", type=data_spec, help="mnist | mnist5k | simpsons | folder:PATH")
+    parser.add_argument("data", type=data_spec, help="mnist | mnist5k | simpsons | pokemon[:PATH] | folder:PATH")
     parser.add_argument("--split", default="train")
     parser.add_argument("--root", default=None, help="cache dir (default $DIFFUSION_DATA or ./data)")
     parser.add_argument("--image-size", type=rundir.positive_int, default=None)
@@ -551,7 +686,7 @@ def main(argv=None):
     parser.add_argument("--n", type=rundir.positive_int, default=64, help="images in the preview grid")
     parser.add_argument("--out", default=None, help="preview PNG (default <root>/preview_<data>_<split>.png)")
     args = parser.parse_args(argv)
-    name = "folder" if args.data.startswith("folder:") else args.data
+    name = args.data.split(":")[0]  # folder:PATH, pokemon:PATH -> folder, pokemon
     out = Path(args.out or data_root(args.root) / f"preview_{name}_{args.split}.png")
     rundir.make_out_dir(out.parent, "--out")  # before the download, not after it
     x = load(args.data, args.split, args.root, args.image_size, args.channels)

@@ -1,8 +1,9 @@
 """Few-step generation: flow models trained from scratch to be good at 1, 2 and 4 network evaluations (NFE).
 
 Twelve methods, one class each: its docstring is the paper (summary, `Paper:`, equations, every deviation and why);
-`loss(net, x1, x0=None, ema=None)` trains any `net(x, t, cond=None)`, `sample(net, noise, nfe)` calls it exactly nfe
-times. trainer.py holds the loop, CLI, evaluation and report; cs492c.py the course export. Copy this file anywhere.
+`loss(net, x1, x0=None, ema=None, y=None)` trains any `net(x, t, cond=None, y=None)` (y: class labels, or None),
+`sample(net, noise, nfe, y=None)` runs it exactly nfe times per image. trainer.py holds the loop, CLI, evaluation
+and report; cs492c.py and aic313.py the course exports. Copy this file anywhere.
 
 Time convention: t in [0, 1], t = 0 is noise x0 ~ N(0, I), t = 1 is data x1 (an image in [-1, 1]); the path is
 x_t = (1 - t) x0 + t x1 and sampling integrates FORWARD from 0 to 1. Other conventions (MeanFlow's t', EDM's sigma,
@@ -46,12 +47,6 @@ def interpolate(x0, x1, t):  # x_t = (1 - t) x0 + t x1, the straight path from n
     return (1 - expand_t(t, x1)) * x0 + expand_t(t, x1) * x1
 
 
-def sample_time(n, device, dist="uniform", logit_mean=0.0, logit_std=1.0):  # logit-normal: arXiv:2403.03206
-    if dist == "logit-normal":
-        return torch.sigmoid(logit_mean + logit_std * torch.randn(n, device=device))
-    return torch.rand(n, device=device)
-
-
 class UnsupportedNFE(ValueError): pass  # an NFE that a method cannot do with exactly that many network evaluations
 
 
@@ -66,13 +61,16 @@ class Method:
     sampling_options = ()  # options of sample() alone: a resumed or re-scored run may replace them
     uses_jvp, state_for_sampling = False, False  # forward-mode AD (no compile); sampling needs state_dict()
     teacher, training_step, last_metrics = None, 0, {}  # set by the runner; extra numbers a loss logs
+    num_classes, label_dropout = None, 0.1  # set by the runner for a class-conditional run (null label: num_classes)
+    guidance_input, not_options = False, ()  # the net takes a guidance scale (imf); inherited fields it ignores
 
     def config(self):  # the options as JSON values (what config.json keeps)
         def plain(v):
             if isinstance(v, dict):
                 return {str(k): plain(x) for k, x in sorted(v.items())}
             return [plain(x) for x in v] if isinstance(v, (tuple, list)) else v
-        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        fields = [f for f in dataclasses.fields(self) if f.name not in self.not_options]
+        return {f.name: plain(getattr(self, f.name)) for f in fields}
 
     def check_nfe(self, nfe):
         if not isinstance(nfe, int) or nfe < 1:
@@ -92,6 +90,8 @@ class Method:
     def load_state_dict(self, state): pass
     def default_steps(self): return None  # the training length without --steps (None: the runner's budget)
     def describe_run(self): return ""  # a sentence for report.md on this run's own choices
+    def bound(self, net, y): return Conditioned(net, y, self.num_classes)  # net with the batch's labels (or None)
+    def guided_teacher(self, y): return Guided(self.teacher, y, self.num_classes, self.guidance)  # the teacher's w
 
 
 # ---- rf: rectified flow / flow matching --------------------------------------------------------------------------
@@ -110,26 +110,50 @@ class RectifiedFlow(Method):
     different (x0, x1) cross: one Euler step lands on a blurry average. The other methods fix that.
     """
     name = "rf"
+    sampling_options = ("guidance",)  # applied at sampling: a re-scored run may change it
     time_dist: str = option("uniform", "time distribution (logit-normal: Esser et al. 2024)", choices=TIME_DISTS)
     logit_mean: float = option(0.0, "mean of the logit-normal time distribution")
     logit_std: float = option(1.0, "std of the logit-normal time distribution")
+    guidance: float = option(1.0, "class-conditional runs: classifier-free guidance scale w at sampling (1: none; "
+                                  "a guided step costs 2 NFE)", flag="--guidance")
 
     def __post_init__(self):
         require(self.time_dist in TIME_DISTS, f"unknown time distribution {self.time_dist!r}; use one of {TIME_DISTS}")
+
+    def guided(self):
+        return self.num_classes is not None and self.guidance != 1
+
+    def check_nfe(self, nfe):
+        super().check_nfe(nfe)
+        if self.guided() and nfe % 2:
+            raise UnsupportedNFE(f"{self.name} with guidance {self.guidance:g}: each Euler step runs the network on "
+                                 f"the labelled and the null branch (2 NFE), so it can do even NFEs, not {nfe}; "
+                                 f"--guidance 1 samples without guidance")
 
     def velocity(self, net, x, t):
         """v_theta(x, t) for t: (B,) in [0, 1]."""
         return net(x, TIME_SCALE * t)
 
-    def loss(self, net, x1, x0=None, ema=None):
-        """x1: (B, C, H, W) data in [-1, 1]; x0: its noise partner (default: fresh N(0, I), independent of x1)."""
+    def loss(self, net, x1, x0=None, ema=None, y=None):
+        """x1: (B, C, H, W) data in [-1, 1]; x0: its noise partner (default: fresh N(0, I), independent of x1);
+        y: class labels or None, dropped to the null label at label_dropout (the guidance's unconditional net)."""
+        net = Conditioned(net, drop_labels(y, self.label_dropout, self.num_classes), self.num_classes)
         x0 = torch.randn_like(x1) if x0 is None else x0
         t = sample_time(x1.shape[0], x1.device, self.time_dist, self.logit_mean, self.logit_std)
         return F.mse_loss(self.velocity(net, interpolate(x0, x1, t), t), x1 - x0)  # Eq. 1; fp32 under autocast
 
-    def sample(self, net, noise, nfe):
+    def sample(self, net, noise, nfe, y=None):
+        """nfe Euler steps; guided (class labels y and guidance != 1): nfe / 2 steps of 2 NFE each."""
         self.check_nfe(nfe)
-        return euler(net, noise, nfe)
+        if self.guided() and y is not None:
+            return euler(Guided(net, y, self.num_classes, self.guidance), noise, nfe // 2)
+        return euler(Conditioned(net, y, self.num_classes), noise, nfe)
+
+
+def sample_time(n, device, dist="uniform", logit_mean=0.0, logit_std=1.0):  # logit-normal: arXiv:2403.03206
+    if dist == "logit-normal":
+        return torch.sigmoid(logit_mean + logit_std * torch.randn(n, device=device))
+    return torch.rand(n, device=device)
 
 
 def require(ok, why):  # an option check: a ValueError that the runner prints in one line
@@ -143,6 +167,72 @@ def euler(net, x, nfe, t0=0.0):
         t = torch.full((x.shape[0],), t0 + (1 - t0) * k / nfe, device=x.device)  # k / n, not a running sum
         x = x + (1 - t0) / nfe * net(x, TIME_SCALE * t)
     return x
+
+
+# ---- class labels and classifier-free guidance (used by every method; unlabelled runs pass y = None) -----------------
+class Conditioned:
+    """A network with the batch's class labels bound to its rows: calling it is net(x, t, cond, y=y), v(x, t | y).
+    y None: an unlabelled run, the network is called as before. rows / repeat keep the labels aligned when a method
+    takes some rows of the batch or stacks copies of it; null() is the same rows with the null label (guidance's
+    unconditional branch, index num_classes). w: a per-row guidance input for a network that takes one (imf)."""
+    def __init__(self, net, y=None, null_label=None, w=None):
+        self.net, self.y, self.null_label, self.w = net, y, null_label, w
+
+    def __call__(self, x, t, cond=None):
+        kw = ({} if self.y is None else {"y": self.y}) | ({} if self.w is None else {"w": self.w})
+        return self.net(x, t, **kw) if cond is None else self.net(x, t, cond, **kw)
+
+    def like(self, y, w, net=None):  # the same kind of wrapper on other rows (or on the unwrapped network)
+        return Conditioned(self.net if net is None else net, y, self.null_label, w)
+
+    def rows(self, idx):
+        return self if self.y is None else self.like(self.y[idx], None if self.w is None else self.w[idx])
+
+    def repeat(self, k):
+        return self if self.y is None else self.like(self.y.repeat(k), None if self.w is None else self.w.repeat(k))
+
+    def null(self):
+        return self if self.y is None else self.like(torch.full_like(self.y, self.null_label), self.w)
+
+    @property
+    def module(self):  # the unwrapped network (DDP's .module) with the same labels
+        return self.like(self.y, self.w, getattr(self.net, "module", self.net))
+
+    @property
+    def distributed(self):
+        return isinstance(self.net, torch.nn.parallel.DistributedDataParallel)
+
+
+class Guided(Conditioned):
+    """Classifier-free guidance at sampling time (Ho & Salimans, arXiv:2207.12598): v = v(x | null) + w (v(x | y) -
+    v(x | null)), from one call on the batch stacked twice with labels [y, null]: two network evaluations per
+    image, which the runner's counter counts (it counts rows). w = 1: the conditional network alone, one call."""
+    def __init__(self, net, y, null_label, w):
+        super().__init__(net, y, null_label)
+        self.scale = w
+
+    def like(self, y, w, net=None):
+        return Guided(self.net if net is None else net, y, self.null_label, self.scale)
+
+    def __call__(self, x, t, cond=None):
+        if self.scale == 1 or self.y is None:
+            return super().__call__(x, t, cond)
+        two = lambda v: None if v is None else torch.cat([v, v])  # noqa: E731
+        kw = {"y": torch.cat([self.y, torch.full_like(self.y, self.null_label)])}
+        out = self.net(two(x), two(t), **kw) if cond is None else self.net(two(x), two(t), two(cond), **kw)
+        v_c, v_u = out.chunk(2)
+        return v_u + self.scale * (v_c - v_u)
+
+
+TEACHER_GUIDANCE = ("class-conditional runs with --teacher: the guidance scale w of the teacher's velocity, which this "
+                    "method learns (its own steps stay 1 NFE)")
+
+
+def drop_labels(y, p, null_label):
+    """Label dropout for classifier-free guidance: each label becomes the null label with probability p."""
+    if y is None or not p:
+        return y
+    return torch.where(torch.rand(y.shape, device=y.device) < p, torch.full_like(y, null_label), y)
 
 
 # ---- reflow: k-rectified flow from a trained teacher's couplings -------------------------------------------------
@@ -159,11 +249,14 @@ class Reflow(RectifiedFlow):
     || x0 + v_theta(x0, 0) - x1 ||^2, the one-step map; the paper's distillation adds LPIPS (weights not offline).
     """
     name = "reflow"
+    sampling_options = ()  # its guidance is in the teacher's pairs
     teacher_methods, needs_teacher, init_from_teacher = ("rf", "reflow"), True, True  # Liu et al. start from it
     couples_with_teacher = True
     distill: bool = option(False, "train the one-step map (t = 0 only)")
     teacher_steps: int = option(100, "Euler steps of the teacher's ODE for each pair")
     num_pairs: int = option(None, "pairs drawn from the teacher (default: as many as training images)")
+    guidance: float = option(1.0, "class-conditional runs: the teacher's guidance scale when it makes the pairs "
+                                  "(the student then samples at 1 NFE per step)", flag="--guidance")
 
     def __post_init__(self):
         super().__post_init__()
@@ -176,15 +269,20 @@ class Reflow(RectifiedFlow):
             raise UnsupportedNFE(f"reflow with distill=True is trained for one step only: it can sample at NFE 1, "
                                  f"not {nfe}; drop --distill for NFE {nfe}")
 
-    def make_pairs(self, teacher, noise):
-        """x1 = the teacher's many-step Euler solution from noise x0 (teacher: a net(x, t) velocity)."""
-        return euler(teacher, noise, self.teacher_steps)
+    def guided(self):  # the guidance is in the pairs: the student's own steps are single calls
+        return False
 
-    def loss(self, net, x1, x0=None, ema=None):
+    def make_pairs(self, teacher, noise, y=None):
+        """x1 = the teacher's many-step Euler solution from noise x0 (teacher: a net(x, t) velocity), guided with
+        scale `guidance` for labels y (then each teacher step costs two calls; pairs are made once)."""
+        return euler(Guided(teacher, y, self.num_classes, self.guidance), noise, self.teacher_steps)
+
+    def loss(self, net, x1, x0=None, ema=None, y=None):
         if x0 is None:
             raise ValueError("reflow trains on (noise, teacher output) pairs: pass the noise x0 of each x1")
         if not self.distill:
-            return super().loss(net, x1, x0)
+            return super().loss(net, x1, x0, y=y)
+        net = Conditioned(net, drop_labels(y, self.label_dropout, self.num_classes), self.num_classes)
         t = torch.zeros(x1.shape[0], device=x1.device)
         return F.mse_loss(x0 + self.velocity(net, x0, t), x1)  # one Euler step from t = 0 must land on x1
 
@@ -208,7 +306,7 @@ class Shortcut(Method):
     in [0, 1]). fm_d: "zero" (the paper: flow matching at d = 0, which also stands for 1/M) or "min" (their code).
     """
     name = "shortcut"
-    uses_cond, second_scalar = True, "step size d"
+    uses_cond, second_scalar, sampling_options = True, "step size d", ("guidance",)
     max_steps: int = option(128, "M, the finest step 1/M (a power of two; NFE 1, 2, 4, ..., M)")
     bootstrap_every: int = option(4, "1/k of the batch gets self-consistency targets")
     fm_d: str = option("zero", "d of the flow-matching rows: zero (the paper) or min = 1/M (the authors' code)",
@@ -216,6 +314,8 @@ class Shortcut(Method):
     bootstrap_ema: bool = option(True, "bootstrap targets from the online net instead of the EMA",
                                  flag="--no-bootstrap-ema")
     time_dist: str = option("uniform", "time distribution (logit-normal: Esser et al. 2024)", choices=TIME_DISTS)
+    guidance: float = option(1.0, "class-conditional runs: classifier-free guidance scale w at sampling (1: none; "
+                                  "a guided step costs 2 NFE)", flag="--guidance")
 
     def __post_init__(self):
         m, k = self.max_steps, self.bootstrap_every
@@ -225,11 +325,16 @@ class Shortcut(Method):
         require(self.fm_d in ("zero", "min") and self.time_dist in TIME_DISTS,
                 f"fm_d must be zero or min and time_dist one of {TIME_DISTS}")
 
+    def guided(self):
+        return self.num_classes is not None and self.guidance != 1
+
     def check_nfe(self, nfe):
-        ok = [2 ** k for k in range(int(math.log2(self.max_steps)) + 1)]
+        per_step = 2 if self.guided() else 1  # a guided step runs the labelled and the null branch
+        ok = [per_step * 2 ** k for k in range(int(math.log2(self.max_steps)) + 1)]
         if nfe not in ok:
-            raise UnsupportedNFE(f"shortcut samples with d = 1/NFE and is trained on power-of-two steps: it can do "
-                                 f"NFE {', '.join(map(str, ok))}, not {nfe!r}")
+            raise UnsupportedNFE("shortcut samples with d = 1/steps and is trained on power-of-two steps"
+                                 + (f" of {per_step} NFE each (guidance {self.guidance:g})" if per_step > 1 else "")
+                                 + f": it can do NFE {', '.join(map(str, ok))}, not {nfe!r}")
 
     def step(self, net, x, t, d):
         """s_theta(x, t, d) for t, d: (B,). The smallest step 1/M is the flow-matching one (see fm_d)."""
@@ -237,7 +342,10 @@ class Shortcut(Method):
         d = torch.where(d <= 1.0 / self.max_steps, torch.full_like(d, d_fm), d)
         return net(x, TIME_SCALE * t, cond=TIME_SCALE * d)
 
-    def loss(self, net, x1, x0=None, ema=None):
+    def loss(self, net, x1, x0=None, ema=None, y=None):
+        y = drop_labels(y, self.label_dropout, self.num_classes)
+        net = Conditioned(net, y, self.num_classes)
+        ema = None if ema is None else Conditioned(ema, y, self.num_classes)
         b, dev = x1.shape[0], x1.device
         nb = b // self.bootstrap_every  # self-consistency share of the batch
         x0 = torch.randn_like(x1) if x0 is None else x0
@@ -247,7 +355,7 @@ class Shortcut(Method):
         t_sc = torch.floor(torch.rand(nb, device=dev) / two_d) * two_d  # t in {0, 2d, ..., 1 - 2d}
         x_sc = interpolate(x0[:nb], x1[:nb], t_sc)
         with torch.no_grad():
-            teacher = ema if (self.bootstrap_ema and ema is not None) else net
+            teacher = (ema if (self.bootstrap_ema and ema is not None) else net).rows(slice(0, nb))
             s1 = self.step(teacher, x_sc, t_sc, d)
             x_mid = x_sc + expand_t(d, x_sc) * s1  # x'_{t+d} = x_t + d s(x_t, t, d)
             target_sc = (s1 + self.step(teacher, x_mid, t_sc + d, d)) / 2  # Frans Eq. 5
@@ -257,11 +365,14 @@ class Shortcut(Method):
                          torch.cat([two_d, torch.zeros(b - nb, device=dev)]))
         return F.mse_loss(pred, torch.cat([target_sc.to(pred.dtype), x1[nb:] - x0[nb:]]))
 
-    def sample(self, net, noise, nfe):
+    def sample(self, net, noise, nfe, y=None):
         self.check_nfe(nfe)
-        x, d = noise, torch.full((noise.shape[0],), 1.0 / nfe, device=noise.device)
-        for k in range(nfe):
-            x = x + self.step(net, x, torch.full_like(d, k / nfe), d) / nfe  # x_{k+1} = x_k + d s(x_k, k d, d)
+        guided = self.guided() and y is not None
+        net = Guided(net, y, self.num_classes, self.guidance) if guided else Conditioned(net, y, self.num_classes)
+        n = nfe // 2 if guided else nfe  # steps
+        x, d = noise, torch.full((noise.shape[0],), 1.0 / n, device=noise.device)
+        for k in range(n):
+            x = x + self.step(net, x, torch.full_like(d, k / n), d) / n  # x_{k+1} = x_k + d s(x_k, k d, d)
         return x
 
 
@@ -319,6 +430,9 @@ class MeanFlow(Method):
     of the s != t rows takes (t, s) = (k/n, (k+1)/n) from the grids of grid_nfes, where the logit-normal puts little
     mass); fd_step = h > 0: du/dt by a central difference, one no-grad forward of 2n rows (du/dt enters the loss
     stopped), error O(h^2) + O(eps / h), eps the float32 rounding; without forward-mode AD, torch.compile applies.
+    Class-conditional runs (Sec. 4.2, guidance trained in): v is replaced, in the target and the tangent, on rows
+    that kept their label, by v_g = omega v + kappa u(x_t, t, t | y) + (1 - omega - kappa) u(x_t, t, t | null)
+    (both stopped, omega = w (1 - kappa)); the fixed point is the field guided at scale w, at 1 NFE per step.
     """
     name = "meanflow"
     uses_cond, second_scalar = True, "span s - t"
@@ -335,6 +449,10 @@ class MeanFlow(Method):
     times: dict = option(None, "sampling grid of an NFE, e.g. 2:0.6 (default k/NFE)", flag="--mf-times")
     fd_step: float = option(0.0, "du/dt by a central finite difference with step H (e.g. 3e-3) instead of the "
                                  "exact JVP; 0 = exact", flag="--jvp-fd-step")
+    guidance: float = option(1.0, "class-conditional runs: the guidance scale w trained into the network (1: none; "
+                                  "sampling stays 1 NFE per step)", flag="--guidance")
+    kappa: float = option(0.5, "kappa of the guided target: the share of the network's own conditional velocity "
+                               "in it (omega = w (1 - kappa))", flag="--mf-kappa")
 
     def __post_init__(self):
         self.times = parse_times(self.times, "--mf-times")
@@ -345,7 +463,8 @@ class MeanFlow(Method):
                          "grid_nfes must be NFEs >= 1"),
                         (0.0 <= self.ratio <= 1.0, "ratio (share of the batch with s != t) must be in [0, 1]"),
                         (self.time_std > 0 and self.time_scale > 0, "time_std and time_scale must be > 0"),
-                        (self.adaptive_p >= 0 and self.adaptive_c > 0, "adaptive weighting needs p >= 0 and c > 0")]:
+                        (self.adaptive_p >= 0 and self.adaptive_c > 0, "adaptive weighting needs p >= 0 and c > 0"),
+                        (self.guidance >= 1 and 0 <= self.kappa < 1, "guidance needs w >= 1 and 0 <= kappa < 1")]:
             require(ok, f"{why}; got {self.config()}")
 
     @property
@@ -374,8 +493,9 @@ class MeanFlow(Method):
         h = self.fd_step
         pm = torch.cat([torch.ones_like(t), -torch.ones_like(t)]) * h  # +h for the first n rows, -h for the rest
         x2, dxdt2 = torch.cat([x, x]).float(), torch.cat([dxdt, dxdt]).float()
+        net = net if isinstance(net, Conditioned) else Conditioned(net)
         with torch.autocast(x.device.type, enabled=False):
-            u = self.average_velocity(net, x2 + expand_t(pm, x2) * dxdt2, torch.cat([t, t]) + pm,
+            u = self.average_velocity(net.repeat(2), x2 + expand_t(pm, x2) * dxdt2, torch.cat([t, t]) + pm,
                                       torch.cat([s, s])).float()
         u_plus, u_minus = u.chunk(2)
         return (u_plus - u_minus) / (2 * h)
@@ -403,24 +523,26 @@ class MeanFlow(Method):
         return (w * err).mean()
 
     def jumps_first(self, b, device, *tensors):
-        """(n, t, s, tensors) with the n rows that have s != t first. The loss is a mean over independent rows
-        (GroupNorm and attention act within an image), so the order does not change it."""
+        """(n, t, s, tensors) with the n rows that have s != t first (a None among the tensors stays None). The
+        loss is a mean over independent rows (GroupNorm and attention act within an image), so the order does not
+        change it."""
         t, s = self.sample_times(b, device)
         flat = s == t
         order = torch.argsort(flat.to(torch.uint8), stable=True)  # s != t (key 0) first, draw order kept
-        return b - int(flat.sum()), t[order], s[order], [x[order] for x in tensors]
+        return b - int(flat.sum()), t[order], s[order], [None if x is None else x[order] for x in tensors]
 
     def with_derivative(self, net, x, t, s, n, tangent):
         """(u_theta(x, t, s) with its graph, du_theta/dt) for a batch whose first n rows have s != t; du/dt is 0 on
         the others. tangent(rows) gives dx/dt on rows :n (a callable: iMF's tangent is a network call)."""
         jump, flat = slice(0, n), slice(n, None)
-        if self.fd_step or isinstance(net, torch.nn.parallel.DistributedDataParallel):
+        net = net if isinstance(net, Conditioned) else Conditioned(net)
+        if self.fd_step or net.distributed:
             # One forward of the whole batch with its graph, du/dt of the jump rows apart and without a graph. DDP's
             # gradient hooks cannot run inside torch.func.jvp, so there du/dt comes from the wrapped module.
             u = self.average_velocity(net, x, t, s)
             dudt = torch.zeros_like(x, dtype=torch.float32)
             if n:
-                module = getattr(net, "module", net)
+                module = net.module.rows(jump)
                 with torch.no_grad():
                     dudt[jump] = (self.finite_difference_derivative(module, x[jump], t[jump], s[jump], tangent(jump))
                                   if self.fd_step else
@@ -428,26 +550,45 @@ class MeanFlow(Method):
             return u, dudt
         u, dudt = [], []
         if n:
-            u_jump, dudt_jump = self.total_derivative(net, x[jump], t[jump], s[jump], tangent(jump))
+            u_jump, dudt_jump = self.total_derivative(net.rows(jump), x[jump], t[jump], s[jump], tangent(jump))
             u.append(u_jump)
             dudt.append(dudt_jump)
         if n < len(x):  # s = t: a plain forward, the instantaneous velocity
-            u.append(self.average_velocity(net, x[flat], t[flat], s[flat]))
+            u.append(self.average_velocity(net.rows(flat), x[flat], t[flat], s[flat]))
             dudt.append(torch.zeros_like(x[flat]))
         return torch.cat(u), torch.cat(dudt)
 
-    def loss(self, net, x1, x0=None, ema=None):
+    def guided_velocity(self, net, xt, t, v):
+        """The target field of a guided run (Geng et al. Sec. 4.2), on rows whose label was kept:
+            v_g = omega v + kappa u(x_t, t, t | y) + (1 - omega - kappa) u(x_t, t, t | null),  omega = w (1 - kappa)
+        with both u stopped, from one no-grad call on [x_t, x_t] with labels [y, null]; dropped rows keep v. The
+        network at s = t learns E[v_g | x_t, y], whose fixed point is u(., y) = u(. | null) + w (v(. | y) - u(. |
+        null)): the guided field at scale w, with u(. | null) the unconditional velocity that the dropped rows
+        teach. kappa trades how much of the target is the network's own (stable, but slower to move)."""
+        if net.y is None or self.guidance == 1:
+            return v
+        omega = self.guidance * (1 - self.kappa)
+        with torch.no_grad():
+            pair = Conditioned(net.module.net, torch.cat([net.y, torch.full_like(net.y, self.num_classes)]),
+                               self.num_classes)  # rows [y, null]; unwrapped: no DDP hooks for a no-grad call
+            two = torch.cat([t, t])
+            u_c, u_u = self.average_velocity(pair, torch.cat([xt, xt]), two, two).float().chunk(2)
+        v_g = omega * v + self.kappa * u_c + (1 - omega - self.kappa) * u_u
+        return torch.where(expand_t(net.y != self.num_classes, v), v_g, v)
+
+    def loss(self, net, x1, x0=None, ema=None, y=None):
         x0 = torch.randn_like(x1) if x0 is None else x0
-        n, t, s, (x1, x0) = self.jumps_first(x1.shape[0], x1.device, x1, x0)
+        n, t, s, (x1, x0, y) = self.jumps_first(x1.shape[0], x1.device, x1, x0, y)
+        net = Conditioned(net, drop_labels(y, self.label_dropout, self.num_classes), self.num_classes)
         xt = interpolate(x0, x1, t)
-        v = x1 - x0  # conditional velocity dx_t/dt
+        v = self.guided_velocity(net, xt, t, x1 - x0)  # dx_t/dt: the conditional velocity (guided: v_g)
         u, dudt = self.with_derivative(net, xt, t, s, n, lambda rows: v[rows])
         u_tgt = (v + expand_t(s - t, v) * dudt.float()).detach()  # MeanFlow identity (Eq. 6), sg[.] (Eq. 9)
         return self.adaptive_loss(u.float() - u_tgt)
 
-    def sample(self, net, noise, nfe):
+    def sample(self, net, noise, nfe, y=None):
         self.check_nfe(nfe)
-        x, ts = noise, grid_times(nfe, self.times)
+        net, x, ts = self.bound(net, y), noise, grid_times(nfe, self.times)
         for a, b in zip(ts, ts[1:]):
             t, s = torch.full((x.shape[0],), a, device=x.device), torch.full((x.shape[0],), b, device=x.device)
             x = x + expand_t(s - t, x) * self.average_velocity(net, x, t, s)  # x_s = x_t + (s - t) u(x_t, t, s)
@@ -468,29 +609,69 @@ class ImprovedMeanFlow(MeanFlow):
         L = E w || V_theta - (x1 - x0) ||^2                                                    (iMF Sec. 4.1)
     The tangent is the network's own velocity at the boundary s = t, so that V_theta is a function of x_t alone (iMF
     Alg. 1 with the boundary condition instead of an extra v-head: a U-Net has one head). The paper's V' is -V here.
-    Defaults: the authors' released recipe. Guidance conditioning, in-context conditioning and the CFG interval are
-    for class-conditional ImageNet: this task is unconditional, so they do not apply. Options as MeanFlow's.
+    Defaults: the authors' released recipe. Options as MeanFlow's, but guidance is an input of the network
+    (guidance conditioning): a class-conditional run feeds w as time_scale (w - 1), draws w log-uniform on [1,
+    guidance_max] for each labelled row (1 on rows whose label was dropped) and regresses V onto
+        v_g = v + (1 - 1/w) sg[u_theta(x_t, t, t | y, w) - u_theta(x_t, t, t | null, 1)],  v = x1 - x0
+    whose fixed point is the guided field u(. | null) + w (v(. | y) - u(. | null)) at every w; sampling picks w
+    (`guidance`) at 1 NFE per step. Not kept: the CFG interval as an input (guidance acts at every t) and
+    in-context conditioning (a transformer's).
     """
     name = "imf"
+    guidance_input, not_options = True, ("kappa",)
+    sampling_options = ("times", "guidance")
     ratio: float = option(0.5, "share of the batch with s != t")
     time_mean: float = option(-0.4, "logit-normal mean of the times (paper convention)")
     time_std: float = option(1.0, "logit-normal std of the times")
     adaptive_p: float = option(1.0, "adaptive weight power p, 0 = plain L2")
     adaptive_c: float = option(0.01, "adaptive weight constant c")
+    guidance: float = option(1.0, "class-conditional runs: the guidance scale w given to the network at sampling "
+                                  "(an input: any w costs 1 NFE per step)", flag="--guidance")
+    guidance_max: float = option(8.0, "class-conditional training: w log-uniform on [1, W] (the paper: 1 + 7)",
+                                 flag="--imf-guidance-max")
 
-    def loss(self, net, x1, x0=None, ema=None):
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.guidance_max >= self.guidance >= 1, f"need 1 <= guidance <= guidance_max, got {self.guidance}, "
+                                                         f"{self.guidance_max}")
+
+    def bound(self, net, y, w=None):
+        """net with labels y and, in a labelled run, the guidance input time_scale (w - 1) (w: `guidance`)."""
+        if y is None:
+            return Conditioned(net)
+        w = torch.full(y.shape, float(self.guidance), device=y.device) if w is None else w
+        return Conditioned(net, y, self.num_classes, self.time_scale * (w - 1))
+
+    def loss(self, net, x1, x0=None, ema=None, y=None):
         x0 = torch.randn_like(x1) if x0 is None else x0
-        n, t, s, (x1, x0) = self.jumps_first(x1.shape[0], x1.device, x1, x0)
-        return self.adaptive_loss(self.compound_velocity(net, interpolate(x0, x1, t), t, s, n) - (x1 - x0))
+        n, t, s, (x1, x0, y) = self.jumps_first(x1.shape[0], x1.device, x1, x0, y)
+        y = drop_labels(y, self.label_dropout, self.num_classes)
+        xt, v = interpolate(x0, x1, t), x1 - x0
+        if y is None:
+            return self.adaptive_loss(self.compound_velocity(Conditioned(net), xt, t, s, n) - v)
+        w = torch.exp(torch.rand(y.shape, device=y.device) * math.log(self.guidance_max))  # log-uniform [1, max]
+        w = torch.where(y == self.num_classes, torch.ones_like(w), w)  # dropped labels: no guidance
+        net = self.bound(net, y, w)
+        with torch.no_grad():  # u(x_t, t, t | y, w) and u(x_t, t, t | null, 1): one call of 2B rows
+            pair = net.module.like(torch.cat([y, torch.full_like(y, self.num_classes)]),
+                                   torch.cat([net.w, torch.zeros_like(net.w)]))
+            tt = torch.cat([t, t])
+            u_c, u_u = self.average_velocity(pair, torch.cat([xt, xt]), tt, tt).float().chunk(2)
+        v_g = v + expand_t(1 - 1 / w, v) * (u_c - u_u)  # w = 1 (dropped rows): v itself
+        return self.adaptive_loss(self.compound_velocity(net, xt, t, s, n, v_self=u_c) - v_g)
 
-    def compound_velocity(self, net, xt, t, s, n=None):
-        """V_theta(x_t, t, s); the first n rows have s != t (jumps_first), None: du/dt on every row. For the exact
-        average velocity of any flow, V is that flow's instantaneous velocity, whatever s is."""
+    def compound_velocity(self, net, xt, t, s, n=None, v_self=None):
+        """V_theta(x_t, t, s); the first n rows have s != t (jumps_first), None: du/dt on every row; v_self: the
+        tangent u_theta(x_t, t, t) if already computed. For the exact average velocity of any flow, V is that flow's
+        instantaneous velocity, whatever s is."""
         n = len(xt) if n is None else n
+        net = net if isinstance(net, Conditioned) else Conditioned(net)
 
         def tangent(rows):
+            if v_self is not None:
+                return v_self[rows]
             with torch.no_grad():  # the tangent only enters the stopped du/dt
-                return self.average_velocity(net, xt[rows], t[rows], t[rows])  # v_theta(x_t, t) = u(x_t, t, t)
+                return self.average_velocity(net.rows(rows), xt[rows], t[rows], t[rows])  # v = u(x_t, t, t)
         u, dudt = self.with_derivative(net, xt, t, s, n, tangent)
         return u.float() - expand_t(s - t, u) * dudt.float().detach()  # V = u - (s - t) sg[du/dt]
 
@@ -591,6 +772,7 @@ class ConsistencyModel(Method):
     huber_c: float = option(None, "pseudo-Huber c (default 0.00054 sqrt(C H W))", flag="--cm-huber-c")
     times: dict = option(None, "intermediate times of multistep sampling, e.g. 2:0.5 4:0.25,0.5,0.75 "
                                "(default k/NFE)", flag="--cm-times")
+    guidance: float = option(1.0, TEACHER_GUIDANCE, flag="--guidance")
 
     def __post_init__(self):
         require(0 < self.sigma_min < self.sigma_max, f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, "
@@ -619,17 +801,20 @@ class ConsistencyModel(Method):
         F_theta = net(expand_t(c_in.to(x_t.dtype), x_t) * x_sigma, TIME_SCALE * sigma_to_t(sigma).to(x_t.dtype))
         return expand_t(c_skip.to(x_t.dtype), x_t) * x_sigma + expand_t(c_out.to(x_t.dtype), x_t) * F_theta
 
-    def target_point(self, x_hi, x1, z, t_hi, t_lo):
+    def target_point(self, x_hi, x1, z, t_hi, t_lo, teacher=None):
         """x at the lower level t_lo (nearer the data) on the trajectory through x_hi at t_hi: CT the same noise z,
-        CD one Heun step of the teacher's ODE dx/dt = v(x, t)."""
-        if self.teacher is None:
+        CD one Heun step of the teacher's ODE dx/dt = v(x, t) (teacher: the loss's guided one, else self.teacher)."""
+        teacher = self.teacher if teacher is None else teacher
+        if teacher is None:
             return interpolate(z, x1, t_lo)
         h = expand_t(t_lo - t_hi, x_hi)
-        v_hi = self.teacher(x_hi, TIME_SCALE * t_hi)
-        return x_hi + h * (v_hi + self.teacher(x_hi + h * v_hi, TIME_SCALE * t_lo)) / 2  # Heun (trapezoid in t)
+        v_hi = teacher(x_hi, TIME_SCALE * t_hi)
+        return x_hi + h * (v_hi + teacher(x_hi + h * v_hi, TIME_SCALE * t_lo)) / 2  # Heun (trapezoid in t)
 
-    def loss(self, net, x1, x0=None, ema=None):
+    def loss(self, net, x1, x0=None, ema=None, y=None):
         """x0: the noise z (default fresh N(0, I)). ema is not used: theta^- = theta."""
+        y = drop_labels(y, self.label_dropout, self.num_classes)
+        net, teacher = self.bound(net, y), None if self.teacher is None else self.guided_teacher(y)
         z = torch.randn_like(x1) if x0 is None else x0
         b, dev = x1.shape[0], x1.device
         sigmas = karras_sigmas(self.num_scales(self.training_step), self.sigma_min, self.sigma_max, self.rho, dev)
@@ -639,7 +824,7 @@ class ConsistencyModel(Method):
         t_lo, t_hi = sigma_to_t(sigma_lo).to(x1.dtype), sigma_to_t(sigma_hi).to(x1.dtype)
         x_hi = interpolate(z, x1, t_hi)  # x_(sigma_(i+1)) = x1 + sigma_(i+1) z, rescaled
         with torch.no_grad():
-            x_lo = self.target_point(x_hi, x1, z, t_hi, t_lo)
+            x_lo = self.target_point(x_hi, x1, z, t_hi, t_lo, teacher)
             with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):  # same dropout masks below
                 target = self.consistency_fn(net, x_lo, sigma_lo)  # sg(f_theta): no EMA (iCT)
         pred = self.consistency_fn(net, x_hi, sigma_hi)
@@ -647,9 +832,9 @@ class ConsistencyModel(Method):
         d = torch.sqrt(((pred.float() - target.float()) ** 2).flatten(1).sum(1) + c ** 2) - c  # pseudo-Huber
         return (d / (sigma_hi - sigma_lo).float()).mean()  # lambda = 1 / (sigma_(i+1) - sigma_i)
 
-    def sample(self, net, noise, nfe):
+    def sample(self, net, noise, nfe, y=None):
         self.check_nfe(nfe)
-        b, dev = noise.shape[0], noise.device
+        b, dev, net = noise.shape[0], noise.device, self.bound(net, y)
         x = self.consistency_fn(net, (1 - self.t_min) * noise, torch.full((b,), self.sigma_max, dtype=torch.float64,
                                                                           device=dev))  # x_T = sigma_max z
         for t in grid_times(nfe, self.times)[1:-1]:
@@ -729,6 +914,7 @@ class ContinuousConsistency(Method):
                                flag="--scm-time-scale")
     times: dict = option(None, "intermediate times of multistep sampling in this file's t, e.g. 2:0.5 "
                                "(default k/NFE)", flag="--scm-times")
+    guidance: float = option(1.0, TEACHER_GUIDANCE, flag="--guidance")
 
     def __post_init__(self):
         require(self.sigma_data > 0 and self.p_std > 0 and self.time_scale > 0 and self.tangent_c > 0,
@@ -748,12 +934,12 @@ class ContinuousConsistency(Method):
         c, s = expand_t(torch.cos(tau), x_tau), expand_t(torch.sin(tau), x_tau)
         return c * x_tau - s * self.sigma_data * self.F(net, x_tau, tau)
 
-    def teacher_velocity(self, x_tau, tau):
+    def teacher_velocity(self, x_tau, tau, teacher=None):
         """sigma_d F* = dx_tau/dtau of the rf teacher, in closed form (the docstring's sCD line)."""
         c, s = expand_t(torch.cos(tau), x_tau), expand_t(torch.sin(tau), x_tau)
         t = trig_to_t(tau, self.sigma_data)
         x_t = x_tau / (c + self.sigma_data * s)
-        v = self.teacher(x_t, TIME_SCALE * t)
+        v = (teacher or self.teacher)(x_t, TIME_SCALE * t)
         tt = expand_t(t, x_t)
         return self.sigma_data * c * (x_t - tt * v) - s * (x_t + (1 - tt) * v)  # sigma_d cos E[x0] - sin E[x1]
 
@@ -792,15 +978,17 @@ class ContinuousConsistency(Method):
     def load_state_dict(self, state):
         self.weighting, self.weight_opt, self.weight_pending = None, None, dict(state)
 
-    def loss(self, net, x1, x0=None, ema=None):
-        """x1: data; x0: its noise (z = sigma_d x0). ema is not used: theta- = theta."""
+    def loss(self, net, x1, x0=None, ema=None, y=None):
+        """x1: data; x0: its noise (z = sigma_d x0); y: labels or None. ema is not used: theta- = theta."""
+        y = drop_labels(y, self.label_dropout, self.num_classes)
+        net, teacher = self.bound(net, y), None if self.teacher is None else self.guided_teacher(y)
         sd, dev = self.sigma_data, x1.device
         z = sd * (torch.randn_like(x1) if x0 is None else x0)
         tau = torch.atan(torch.exp(self.p_mean + self.p_std * torch.randn(x1.shape[0], device=dev)) / sd)
         c, s = expand_t(torch.cos(tau), x1), expand_t(torch.sin(tau), x1)
         x_tau = c * x1 + s * z
         with torch.no_grad():
-            dxdt = c * z - s * x1 if self.teacher is None else self.teacher_velocity(x_tau, tau)
+            dxdt = c * z - s * x1 if teacher is None else self.teacher_velocity(x_tau, tau, teacher)
             F_minus, F_jvp = self.derivative(net, x_tau, tau, dxdt)
             r = min(1.0, self.training_step / self.warmup_steps) if self.warmup_steps else 1.0
             g = self.tangent(x_tau, tau, dxdt, F_minus.float(), F_jvp.float(), r)
@@ -822,9 +1010,9 @@ class ContinuousConsistency(Method):
         self.last_metrics = {"mse": mse.mean().item()}
         return (prior * mse * torch.exp(-logvar.detach()) + logvar.detach()).mean()
 
-    def sample(self, net, noise, nfe):
+    def sample(self, net, noise, nfe, y=None):
         self.check_nfe(nfe)
-        b, dev, sd = noise.shape[0], noise.device, self.sigma_data
+        b, dev, sd, net = noise.shape[0], noise.device, self.sigma_data, self.bound(net, y)
         full = lambda t: torch.full((b,), float(t), device=dev)  # noqa: E731
         ts = grid_times(nfe, self.times)
         x1 = self.consistency_fn(net, sd * noise, t_to_trig(full(ts[0]), sd))  # x_(pi/2) = z = sigma_d x0
@@ -880,6 +1068,7 @@ class CTM(Method):
                                     "discriminator trained from scratch", flag="--ctm-gan-weight")
     gan_start: int = option(0, "training step at which the GAN term starts", flag="--ctm-gan-start")
     gan_lr: float = option(2e-4, "the discriminator's Adam learning rate", flag="--ctm-gan-lr")
+    guidance: float = option(1.0, TEACHER_GUIDANCE, flag="--guidance")
 
     def __post_init__(self):
         n, k = self.num_scales, self.heun_steps
@@ -944,22 +1133,24 @@ class CTM(Method):
         """G_theta(x_t, t, s) = x_t + (s - t) u_theta(x_t, t, s) for t, s: (B,)."""
         return x + expand_t(s - t, x) * net(x, TIME_SCALE * t, cond=TIME_SCALE * s)
 
-    def teacher_solve(self, x, i, k):
+    def teacher_solve(self, x, i, k, teacher=None):
         """k Heun steps of the teacher's ODE dx/dt = v(x, t) along the grid, from grid index i (a (B,) tensor)."""
-        grid = self.grid.to(x.device, x.dtype)
+        grid, teacher = self.grid.to(x.device, x.dtype), teacher or self.teacher
         for j in range(k):
             ta, tb = grid[i + j], grid[i + j + 1]
             h = expand_t(tb - ta, x)
-            v_a = self.teacher(x, TIME_SCALE * ta)
-            x = x + h * (v_a + self.teacher(x + h * v_a, TIME_SCALE * tb)) / 2
+            v_a = teacher(x, TIME_SCALE * ta)
+            x = x + h * (v_a + teacher(x + h * v_a, TIME_SCALE * tb)) / 2
         return x
 
-    def loss(self, net, x1, x0=None, ema=None):
+    def loss(self, net, x1, x0=None, ema=None, y=None):
         if self.teacher is None:
             raise ValueError("ctm learns from a teacher: set method.teacher (--teacher RUN_DIR, an rf run)")
+        y = drop_labels(y, self.label_dropout, self.num_classes)
+        raw, net, teacher = net, self.bound(net, y), self.guided_teacher(y)
         x0 = torch.randn_like(x1) if x0 is None else x0
         b, dev, n = x1.shape[0], x1.device, self.num_scales
-        target_net = ema if ema is not None else net  # theta^-: the EMA (Kim et al.: decay 0.999)
+        target_net = self.bound(ema, y) if ema is not None else net  # theta^-: the EMA (Kim et al.: decay 0.999)
         grid = self.grid.to(dev, x1.dtype)
         k = int(torch.randint(1, self.heun_steps + 1, ()))  # teacher steps t -> u, one k per batch
         i = torch.randint(0, n - k, (b,), device=dev)  # t = grid[i], u = grid[i + k] <= 1
@@ -968,24 +1159,24 @@ class CTM(Method):
         ones = torch.ones_like(s)
         x_t = interpolate(x0, x1, t)
         with torch.no_grad():
-            target = self.G(target_net, self.G(net, self.teacher_solve(x_t, i, k), u, s), s, ones)
+            target = self.G(target_net, self.G(net, self.teacher_solve(x_t, i, k, teacher), u, s), s, ones)
         t_fm, x0_fm = torch.rand(b, device=dev), torch.randn_like(x1)  # DSM: flow matching at s = t, same forward
-        u_all = net(torch.cat([x_t, interpolate(x0_fm, x1, t_fm)]), TIME_SCALE * torch.cat([t, t_fm]),
-                    cond=TIME_SCALE * torch.cat([s, t_fm]))
+        u_all = net.repeat(2)(torch.cat([x_t, interpolate(x0_fm, x1, t_fm)]), TIME_SCALE * torch.cat([t, t_fm]),
+                              cond=TIME_SCALE * torch.cat([s, t_fm]))
         estimate = self.G(target_net, x_t + expand_t(s - t, x_t) * u_all[:b], s, ones)  # to the data by theta^-
         l_ctm = F.mse_loss(estimate.float(), target.float())
         loss = l_ctm + self.lambda_dsm * F.mse_loss(u_all[b:].float(), (x1 - x0_fm).float())
         if self.gan_weight > 0 and self.training_step >= self.gan_start:
             d_loss = self.discriminator_step(x1, estimate)  # first the critic, on sg[x_est] ...
             l_gan = F.softplus(-self.disc.requires_grad_(False)(estimate.float())).mean()  # ... then the student
-            lam = self.adaptive_weight(net, l_ctm, l_gan)
+            lam = self.adaptive_weight(raw, l_ctm, l_gan)
             loss = loss + self.gan_weight * lam * l_gan
             self.last_metrics = {"d_loss": d_loss.item(), "g_loss": l_gan.item(), "gan_lambda": lam.item()}
         return loss
 
-    def sample(self, net, noise, nfe):
+    def sample(self, net, noise, nfe, y=None):
         self.check_nfe(nfe)
-        taus, x = grid_times(nfe, self.times), noise
+        taus, x, net = grid_times(nfe, self.times), noise, self.bound(net, y)
         full = lambda v: torch.full((x.shape[0],), v, device=x.device)  # noqa: E731
         c = math.sqrt(1 - self.gamma ** 2)
         for tau_a, tau_b in zip(taus[:-1], taus[1:]):
@@ -1038,6 +1229,7 @@ class ProgressiveDistillation(Method):
                               flag="--pd-start-steps")
     end_steps: int = option(1, "steps of the last round's student", flag="--pd-end-steps")
     round_steps: int = option(50_000, "training iterations per round (the paper's)", flag="--pd-round-steps")
+    guidance: float = option(1.0, TEACHER_GUIDANCE, flag="--guidance")
 
     def __post_init__(self):
         for key in ("start_steps", "end_steps", "round_steps"):
@@ -1102,22 +1294,25 @@ class ProgressiveDistillation(Method):
         x_end = x_mid + h * self.velocity(teacher, x_mid, t + h)  # x'' = x' + h v_T(x', t + h)
         return (x_end - xt) / (2 * h)
 
-    def loss(self, net, x1, x0=None, ema=None):
+    def loss(self, net, x1, x0=None, ema=None, y=None):
         if self.teacher is None:
             raise ValueError("pd needs method.teacher (the runner sets it from --teacher)")
+        y = drop_labels(y, self.label_dropout, self.num_classes)
+        # the first round's teacher is the guided rf run; later teachers are students that learnt the guided flow
+        teacher = self.guided_teacher(y) if self.round <= 0 else self.bound(self.teacher, y)
         n = self.rounds[max(self.round, 0)]
         x0 = torch.randn_like(x1) if x0 is None else x0
         t = torch.randint(0, n, (x1.shape[0],), device=x1.device).float() / n  # the student's grid i / N
         xt = interpolate(x0, x1, t)
         with torch.no_grad():
-            target = self.target(self.teacher, xt, t, n)
-        pred = self.velocity(net, xt, t)
+            target = self.target(teacher, xt, t, n)
+        pred = self.velocity(self.bound(net, y), xt, t)
         return F.mse_loss(pred, target.to(pred.dtype))
 
-    def sample(self, net, noise, nfe):
+    def sample(self, net, noise, nfe, y=None):
         """n Euler steps of the network the runner passes: sampling_net(n, ema), the student of that round."""
         self.check_nfe(nfe)
-        return euler(net, noise, nfe)
+        return euler(self.bound(net, y), noise, nfe)
 
 
 # ---- ld3: learning to discretise the ODE of a trained flow -------------------------------------------------------
@@ -1140,7 +1335,9 @@ class LD3(Method):
     RMSprop (lr_time, momentum 0.9) on xi, SGD (lr_shift / n) on eta, gradients clipped to norm 1; the first
     phase1_epochs epochs learn xi only. Deviations: d is the per-pixel squared error (the authors' "L2"; LPIPS needs
     VGG weights, not available offline); shift_first (not the authors'): s_0 = clip(eta_0, 0, w), so that NFE 1
-    has a parameter; no validation set with patience-based decay: the last parameters are used.
+    has a parameter; no validation set with patience-based decay: the last parameters are used. Class-conditional
+    runs: the pairs take labels in turn, the teacher's solution and the fitted solver are guided at `guidance` (a
+    guided step costs 2 NFE: NFE n fits n / 2 steps).
     """
     name = "ld3"
     teacher_methods, needs_teacher, init_from_teacher = ("rf", "reflow"), True, True  # the network stays the teacher's
@@ -1157,11 +1354,16 @@ class LD3(Method):
     slack: float = option(1e-3, "slack radius r = S * C*H*W / n^2, 0 = off", flag="--ld3-slack")
     shift_first: bool = option(False, "learn the first network time too (the authors: 0)", flag="--ld3-shift-first")
     seed: int = option(0, "seed of the pairs and of the epochs' order", flag="--ld3-seed")
+    guidance: float = option(1.0, "class-conditional runs: the guidance scale of the teacher's pairs and of the "
+                                  "fitted solver (a guided step costs 2 NFE)", flag="--guidance")
 
     def __post_init__(self):
         self.nfes = tuple(sorted(set(self.nfes)))
         require(self.nfes and all(isinstance(n, int) and n >= 1 for n in self.nfes),
                 f"nfes must be a list of integers >= 1, got {self.nfes!r}")
+        require(self.guidance == 1 or all(n % 2 == 0 for n in self.nfes),
+                f"ld3 with guidance {self.guidance:g}: each step runs the teacher on the labelled and the null branch "
+                f"(2 NFE), so its NFEs must be even, got {self.nfes}; pass --nfe 2 4")
         for key in ("num_pairs", "batch_size", "epochs", "teacher_steps"):
             require(isinstance(getattr(self, key), int) and getattr(self, key) >= 1,
                     f"{key} must be an integer >= 1, got {getattr(self, key)!r}")
@@ -1171,9 +1373,15 @@ class LD3(Method):
                                             f"neighbours), got {self.win_rate!r}")
         require(self.slack >= 0, f"slack must be >= 0 (0: no slack), got {self.slack!r}")
         # xi: logits of the n step sizes (zeros: the uniform grid, i.e. rf's sampler); eta: decoupled offsets.
-        self.grid = torch.nn.ParameterDict({f"{k}{n}": torch.nn.Parameter(torch.zeros(n)) for n in self.nfes
-                                            for k in ("xi", "eta")})
+        self.grid = torch.nn.ParameterDict({f"{k}{n}": torch.nn.Parameter(torch.zeros(self.steps(n)))
+                                            for n in self.nfes for k in ("xi", "eta")})
         self.pairs, self.latents, self.step, self._pending = None, None, 0, []
+
+    def steps(self, nfe):  # solver steps at an NFE: a guided step costs 2
+        return nfe // 2 if self.guidance != 1 else nfe
+
+    def guided(self, net, y):  # the teacher (or net) with labels y, guided at `guidance` (y None: as it is)
+        return Guided(net, y, self.num_classes, self.guidance)
 
     def steps_per_epoch(self):
         return math.ceil(self.num_pairs / self.batch_size)
@@ -1196,15 +1404,15 @@ class LD3(Method):
         return t, t[:-1] + torch.cat([first, torch.clamp(eta, -w, w)[1:]])
 
     def solve(self, net, x, n):
-        """x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, s_i): n network calls."""
+        """x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, s_i): the grid of NFE n (n steps, or n / 2 guided ones)."""
         t, s = (v.to(x.device) for v in self.times(n))
-        for i in range(n):
+        for i in range(len(s)):
             x = x + (t[i + 1] - t[i]) * net(x, TIME_SCALE * s[i].expand(x.shape[0]))
         return x
 
-    def sample(self, net, noise, nfe):
+    def sample(self, net, noise, nfe, y=None):
         self.check_nfe(nfe)
-        return self.solve(net, noise, nfe)
+        return self.solve(self.guided(net, y), noise, nfe)
 
     def on_step(self, step, net, ema):
         self.step = step  # the batch and the phase are functions of the step (a resumed run continues exactly)
@@ -1218,33 +1426,38 @@ class LD3(Method):
     def per_sample_distance(self, x, y):
         return (x - y).float().pow(2).flatten(1).mean(1)  # d: per-pixel mean squared error
 
-    def loss(self, net, x1, x0=None, ema=None):
+    def loss(self, net, x1, x0=None, ema=None, y=None):
         """Sum over the NFEs of the batch-mean distance. net, x1's values and x0 are not used: the flow is
         self.teacher and the data are its own pairs (drawn on the first call, x1 gives their shape)."""
         if self.teacher is None:
             raise ValueError("ld3 needs method.teacher (the runner sets it from --teacher)")
+        if self.guidance != 1 and self.num_classes is None:
+            raise ValueError(f"ld3 with guidance {self.guidance:g} needs a class-conditional run (--class-cond)")
         dev = x1.device
-        if self.pairs is None:  # the small set of noises and the teacher's outputs, drawn once, kept in the state
+        if self.pairs is None:  # the small set of noises (and labels, in turn) with the teacher's outputs, kept
             x0_all = torch.randn((self.num_pairs, *x1.shape[1:]), generator=torch.Generator().manual_seed(self.seed))
+            y_all = None if self.num_classes is None else torch.arange(self.num_pairs) % self.num_classes
             with torch.no_grad():
-                target = torch.cat([euler(self.teacher, c.to(dev), self.teacher_steps).float().cpu()
-                                    for c in x0_all.split(250)])
-            self.pairs = {"x0": x0_all, "x1": target}
+                target = torch.cat([euler(self.guided(self.teacher, None if y_all is None else y_all[k:k + 250]
+                                                      .to(dev)), x0_all[k:k + 250].to(dev), self.teacher_steps)
+                                    .float().cpu() for k in range(0, self.num_pairs, 250)])
+            self.pairs = {"x0": x0_all, "x1": target, "y": y_all}
             self.latents = {str(n): x0_all.clone() for n in self.nfes}
         idx = self.batch_indices(self.step)
         x0b, x1b = self.pairs["x0"][idx].to(dev), self.pairs["x1"][idx].to(dev)
-        total, self._pending = 0.0, []
+        yb = None if self.pairs.get("y") is None else self.pairs["y"][idx].to(dev)
+        teacher, total, self._pending = self.guided(self.teacher, yb), 0.0, []
         for n in self.nfes:
             latent = self.latents[str(n)][idx].to(dev).requires_grad_(self.slack > 0)
-            d = self.per_sample_distance(self.solve(self.teacher, latent, n), x1b)
+            d = self.per_sample_distance(self.solve(teacher, latent, n), x1b)
             total = total + d.mean()
-            self._pending.append((n, idx, latent, d.detach(), x0b, x1b))
+            self._pending.append((n, idx, latent, d.detach(), x0b, x1b, teacher))
         return total
 
     def slack_step(self):
         """x0' <- x0' - (12 / n) grad, projected into ||x0' - x0|| <= r = slack D / n^2, kept only for the samples
         whose distance went down (the authors' _update_latents)."""
-        for n, idx, latent, before, x0b, x1b in self._pending:
+        for n, idx, latent, before, x0b, x1b, teacher in self._pending:
             if latent.grad is None:
                 continue
             with torch.no_grad():
@@ -1253,7 +1466,7 @@ class LD3(Method):
                 norm = diff.flatten(1).norm(dim=1)
                 scale = torch.where(norm > r, r / norm.clamp_min(1e-12), torch.ones_like(norm))
                 cand = x0b + expand_t(scale, diff) * diff
-                better = (self.per_sample_distance(self.solve(self.teacher, cand, n), x1b) < before).cpu()
+                better = (self.per_sample_distance(self.solve(teacher, cand, n), x1b) < before).cpu()
                 self.latents[str(n)][idx[better]] = cand[better.to(cand.device)].float().cpu()
         self._pending = []
 
@@ -1356,6 +1569,7 @@ class DMD2(Method):
     gan_weight: float = option(3e-3, "weight of the generator's GAN term, 0 = off", flag="--dmd-gan-weight")
     cls_weight: float = option(1e-2, "weight of the head's classification loss in the fake update",
                                flag="--dmd-cls-weight")
+    guidance: float = option(1.0, TEACHER_GUIDANCE, flag="--guidance")
 
     def __post_init__(self):
         self.nfes = tuple(sorted(set(self.nfes)))
@@ -1388,14 +1602,14 @@ class DMD2(Method):
             x = (1 - self.grid[j + 1]) * torch.randn_like(x) + self.grid[j + 1] * self.denoise(net, x, t)
         return x
 
-    def generate(self, net, noise):
+    def generate(self, net, noise, y=None):
         """(x_hat, t_k): the generator's sample from its input at a random grid time (the chain without gradient,
         through the unwrapped network: its calls differ in number between ranks and need no DDP)."""
         k = int(torch.randint(len(self.grid), ()))
         with torch.no_grad():
-            x = self.simulate(getattr(net, "module", net), noise, k)
+            x = self.simulate(self.bound(getattr(net, "module", net), y), noise, k)
         t = torch.full((len(x),), self.grid[k], device=x.device)
-        return self.denoise(net, x, t), t
+        return self.denoise(self.bound(net, y), x, t), t
 
     def make_optimizer(self, net, lr, weight_decay):
         self.lr, self.weight_decay = lr, weight_decay
@@ -1442,7 +1656,7 @@ class DMD2(Method):
         n = torch.randn_like(x)
         return interpolate(n, x, t), t, n
 
-    def fake_loss(self, fake, head, x_hat, x1):
+    def fake_loss(self, fake, head, x_hat, x1):  # fake: the fake score with the batch's labels bound
         """Flow matching of the fake score on (detached) generator samples, plus the head's real/fake loss."""
         x_t, t, n = self.renoise(x_hat.detach())
         loss = F.mse_loss(fake(x_t, TIME_SCALE * t).float(), (x_hat.detach() - n).float())
@@ -1454,28 +1668,30 @@ class DMD2(Method):
             self._feat = None
         return loss
 
-    def fake_step(self, net, x1):
-        """One AdamW step of the fake score (and head) on fresh generator samples; gradients averaged over ranks."""
+    def fake_step(self, net, x1, y=None):
+        """One AdamW step of the fake score (and head) on fresh generator samples with the batch's labels y (the
+        real side of the GAN: x1 with the same labels); gradients averaged over ranks."""
         fake, head = self.networks(x1)
         fake.requires_grad_(True)
         with torch.no_grad():
-            x_hat, _ = self.generate(getattr(net, "module", net), torch.randn_like(x1))
-        loss = self.fake_loss(fake, head, x_hat, x1)
+            x_hat, _ = self.generate(getattr(net, "module", net), torch.randn_like(x1), y)
+        loss = self.fake_loss(self.bound(fake, y), head, x_hat, x1)
         self.fake_opt.zero_grad(set_to_none=True)
         loss.backward()
         average_over_ranks([p.grad for g in self.fake_opt.param_groups for p in g["params"] if p.grad is not None])
         self.fake_opt.step()
         return loss.detach()
 
-    def generator_loss(self, net, x_hat):
-        """DMD's distribution-matching loss (whose gradient in x_hat is `grad`) plus the GAN term."""
+    def generator_loss(self, net, x_hat, y=None):
+        """DMD's distribution-matching loss (whose gradient in x_hat is `grad`) plus the GAN term; labels y: the
+        teacher's score is its guided one (scale `guidance`), the fake score's conditional."""
         fake, head = self.networks(x_hat)
         fake.requires_grad_(False)  # the generator's step: gradient through the fake network's input only
         x_t, t, _ = self.renoise(x_hat)
         with torch.no_grad():
-            d_real = self.denoise(self.teacher, x_t, t).float()
+            d_real = self.denoise(self.guided_teacher(y), x_t, t).float()
         with torch.set_grad_enabled(head is not None):  # a graph to x_hat only for the GAN term's features
-            d_fake = self.denoise(fake, x_t, t).float()
+            d_fake = self.denoise(self.bound(fake, y), x_t, t).float()
         x = x_hat.float()
         with torch.no_grad():
             weight = 1.0 / ((x - d_real).abs().flatten(1).mean(1) + 1e-6)  # DMD's per-image normalisation
@@ -1488,17 +1704,18 @@ class DMD2(Method):
             loss = loss + self.gan_weight * g_loss
         return loss
 
-    def loss(self, net, x1, x0=None, ema=None):
+    def loss(self, net, x1, x0=None, ema=None, y=None):
+        """y: the batch's labels (no dropout: the generator is always conditional; guidance is the teacher's)."""
         if self.teacher is None:
             raise ValueError("dmd2 needs method.teacher (the runner sets it from --teacher)")
-        fake_losses = [self.fake_step(net, x1) for _ in range(self.fake_updates)]
+        fake_losses = [self.fake_step(net, x1, y) for _ in range(self.fake_updates)]
         self.last_metrics = {"fake_loss": torch.stack(fake_losses).mean().item()}
-        x_hat, _ = self.generate(net, torch.randn_like(x1) if x0 is None else x0)
-        return self.generator_loss(net, x_hat)
+        x_hat, _ = self.generate(net, torch.randn_like(x1) if x0 is None else x0, y)
+        return self.generator_loss(net, x_hat, y)
 
-    def sample(self, net, noise, nfe):
+    def sample(self, net, noise, nfe, y=None):
         self.check_nfe(nfe)
-        x = noise
+        x, net = noise, self.bound(net, y)
         for k in range(nfe):
             x_hat = self.denoise(net, x, torch.full((len(x),), k / nfe, device=x.device))
             if k < nfe - 1:

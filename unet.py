@@ -19,7 +19,8 @@ guided-diffusion on random weights; tests/test_unet.py checks the details indepe
 Time embedding (Vaswani et al. 2017 / DDPM; ADM puts the cosines first), for a scalar t and d = model_channels:
     f_i = 10000^(-i / (d/2)),  i = 0 .. d/2 - 1
     e(t) = [cos(t f_0), ..., cos(t f_{d/2-1}), sin(t f_0), ..., sin(t f_{d/2-1})]
-    emb  = time_embed(e(t)) [+ cond_embed(e(cond)) if extra_cond] [+ label_emb(y) if num_classes]   -> 4d
+    emb  = time_embed(e(t)) [+ cond_embed(e(cond)) if extra_cond] [+ guidance_embed(e(w)) if guidance_cond]
+           [+ label_emb(y) if num_classes]   -> 4d
 Residual block (h = in_layers(x) = conv(SiLU(GN(x)))):
     plain:            out = skip(x) + conv0(drop(SiLU(GN(h + W e))))
     scale-shift norm: out = skip(x) + conv0(drop(SiLU(GN(h) * (1 + s) + b))),  (s, b) = W e      (ADM's AdaGN)
@@ -34,7 +35,9 @@ Time convention: t is embedded exactly as given. Each script states what it pass
 (the sinusoid frequencies were chosen for inputs of order 1..1000).
 Extra condition (extra_cond=True): a second scalar per sample (shortcut models' step size d, MeanFlow/CTM's end time),
 embedded like t by its own MLP "cond_embed" whose last Linear is zero-initialised, so a new model ignores it.
-cond=None on such a model means cond = 0 for every sample.
+cond=None on such a model means cond = 0 for every sample. A guidance input (guidance_cond=True, improved MeanFlow's
+guidance-conditioned network) is one more scalar w per sample, embedded the same way by "guidance_embed" (zero last
+layer); w=None means 0, which a caller maps to "no guidance".
 Class label (num_classes=K): ADM's label embedding, an nn.Embedding "label_emb" of K rows added to the time
 embedding (guided-diffusion's class_cond models: K = 1000, they load strictly). null_label=True adds a row K, the
 "no label" of classifier-free guidance's label dropout; y=None on such a model means that row for every sample.
@@ -243,12 +246,14 @@ class UNetModel(nn.Module):
     :param extra_cond: add the embedding of a second scalar cond (B,) to the time embedding.
     :param num_classes, null_label: add the embedding of a class label y (B,) in 0..num_classes-1 (ADM's
         label_emb); null_label adds the index num_classes, the "no label" of guidance dropout (and y=None).
+    :param guidance_cond: add the embedding of a guidance input w (B,) to the time embedding.
     """
 
     def __init__(self, image_size, in_channels, model_channels, out_channels, num_res_blocks,
                  attention_resolutions=(), dropout=0.0, channel_mult=(1, 2, 4, 8), num_heads=1,
                  num_head_channels=-1, num_heads_upsample=-1, use_scale_shift_norm=False, resblock_updown=False,
-                 use_new_attention_order=False, extra_cond=False, num_classes=None, null_label=False):
+                 use_new_attention_order=False, extra_cond=False, num_classes=None, null_label=False,
+                 guidance_cond=False):
         super().__init__()
         channel_mult = tuple(channel_mult)
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
@@ -271,7 +276,7 @@ class UNetModel(nn.Module):
             raise ValueError("null_label=True needs num_classes (the null label is the index num_classes)")
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
             raise ValueError(f"num_classes must be an integer >= 1 (or None: no label), got {num_classes!r}")
-        self.num_classes, self.null_label = num_classes, bool(null_label)
+        self.num_classes, self.null_label, self.guidance_cond = num_classes, bool(null_label), bool(guidance_cond)
 
         emb_dim = 4 * model_channels
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -281,6 +286,9 @@ class UNetModel(nn.Module):
                                             zero_module(nn.Linear(emb_dim, emb_dim)))
         if num_classes is not None:  # after the embeddings above: an unlabelled net's initial weights stay as they were
             self.label_emb = nn.Embedding(num_classes + int(null_label), emb_dim)
+        if guidance_cond:  # last: the weights drawn above stay those of a net without it
+            self.guidance_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(),
+                                                zero_module(nn.Linear(emb_dim, emb_dim)))
 
         def res_block(ch_in, ch_out, up=False, down=False):
             return ResBlock(ch_in, emb_dim, dropout, ch_out, use_scale_shift_norm, up=up, down=down)
@@ -329,12 +337,13 @@ class UNetModel(nn.Module):
             raise ValueError(f"{name} must have shape (B,) = ({batch},) (or be a scalar), got {tuple(v.shape)}")
         return v
 
-    def forward(self, x, t, cond=None, y=None):
+    def forward(self, x, t, cond=None, y=None, w=None):
         """
         :param x: (B, in_channels, H, W), H and W divisible by 2^(len(channel_mult)-1).
         :param t: (B,) float times, embedded as given (see "Time convention"); a scalar is broadcast.
         :param cond: (B,) second scalar, only with extra_cond=True; None means 0.
         :param y: (B,) integer class labels, only with num_classes; None means the null label (null_label=True).
+        :param w: (B,) guidance input, only with guidance_cond=True, embedded as given; None means 0.
         :return: (B, out_channels, H, W).
         """
         if x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -352,6 +361,13 @@ class UNetModel(nn.Module):
         elif cond is not None:
             raise ValueError("cond was given but this model has extra_cond=False; build it with extra_cond=True "
                              "(e.g. unet.create(name, extra_cond=True)) or drop cond")
+        if self.guidance_cond:
+            w = self._per_sample("w", torch.zeros_like(t, dtype=torch.float32) if w is None else w, x.shape[0],
+                                 x.device)
+            emb = emb + self.guidance_embed(timestep_embedding(w, self.model_channels))
+        elif w is not None:
+            raise ValueError("w (a guidance input) was given but this model has guidance_cond=False; build it with "
+                             "guidance_cond=True or drop w")
         if self.num_classes is not None:
             if y is None and not self.null_label:
                 raise ValueError(f"this model is class-conditional ({self.num_classes} classes, no null label): "

