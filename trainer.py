@@ -45,6 +45,8 @@ HOLDOUT = {"simpsons": ("train", "val"), "mnist": ("train", "test"), "mnist5k": 
 
 def holdout(spec):  # (train split, held-out split) of a data spec; pokemon:PATH as pokemon
     return HOLDOUT.get("pokemon" if spec.startswith("pokemon:") else spec, ("train", None))
+
+
 GPU_DEFAULTS = {"arch": "challenge", "steps": 250_000, "batch_size": 128}  # the strong MeanFlow entry's budget
 CPU_MINUTES = 60.0  # a CPU run without --steps or --minutes is bounded by time
 DEFAULT_NFES = (1, 2, 4)  # the challenge's NFEs
