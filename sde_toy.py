@@ -1,28 +1,32 @@
-"""Score SDE vs probability-flow ODE on a Gaussian mixture whose score is known in closed form.
+r"""Score SDE vs probability-flow ODE on a Gaussian mixture whose score is known in closed form.
 
 Song, Sohl-Dickstein, Kingma, Kumar, Ermon, Poole. Score-Based Generative Modeling through Stochastic
 Differential Equations. ICLR 2021, arXiv:2011.13456.
 Anderson. Reverse-time diffusion equation models. Stochastic Processes and their Applications 12(3), 1982.
 
-Time convention: t in [0, 1]; t = 0 is data (the mixture p_0), t = 1 is noise (p_1 ~= N(0, I)).
+Time convention: t in [0, 1]; t = 0 is data (the mixture p_0), t = 1 is noise ($p_1 \approx N(0, I)$).
 
-VP-SDE with linear beta(t) (Eq. 11; beta_min = 0.1, beta_max = 20 as in the paper):
-    dx = f(x, t) dt + g(t) dw,      f(x, t) = -1/2 beta(t) x,   g(t) = sqrt(beta(t))                   (Eq. 5, 11)
-    beta(t) = beta_min + t (beta_max - beta_min)
-    abar(t) = exp(-int_0^t beta(s) ds) = exp(-(beta_min t + 1/2 (beta_max - beta_min) t^2))
-    p_{t|0}(x_t | x_0) = N(x_t; sqrt(abar(t)) x_0, (1 - abar(t)) I)                                  (App. B)
-Reverse-time SDE (Anderson 1982), run from t = 1 down to t = 0, dt < 0, w_bar a reverse-time Wiener process:
-    dx = [f(x, t) - g(t)^2 grad_x log p_t(x)] dt + g(t) dw_bar                                      (Eq. 6)
-Probability-flow ODE: no noise, same marginals p_t; run forward (dt > 0) or backward (dt < 0):
-    dx/dt = f(x, t) - 1/2 g(t)^2 grad_x log p_t(x)                                                 (Eq. 13)
-Both are integrated with fixed steps of size |dt| = 1 / steps: Euler-Maruyama for the SDEs, Euler for the ODEs.
+VP-SDE with linear $\beta(t)$ (Eq. 11; $\beta_\text{min} = 0.1$, $\beta_\text{max} = 20$ as in the paper):
+    $$ dx = f(x, t)\, dt + g(t)\, dw, \qquad f(x, t) = -\tfrac{1}{2} \beta(t)\, x, \quad g(t) = \sqrt{\beta(t)}
+       \qquad \text{(Eq. 5, 11)} $$
+    $$ \beta(t) = \beta_\text{min} + t\, (\beta_\text{max} - \beta_\text{min}) $$
+    $$ \bar\alpha(t) = \exp\Big(-\int_0^t \beta(s)\, ds\Big)
+       = \exp\Big(-\big(\beta_\text{min} t + \tfrac{1}{2} (\beta_\text{max} - \beta_\text{min}) t^2\big)\Big) $$
+    $$ p_{t|0}(x_t | x_0) = N\big(x_t; \sqrt{\bar\alpha(t)}\, x_0, (1 - \bar\alpha(t)) I\big) \qquad \text{(App. B)} $$
+Reverse-time SDE (Anderson 1982), run from t = 1 down to t = 0, $dt < 0$, $\bar w$ a reverse-time Wiener process:
+    $$ dx = [f(x, t) - g(t)^2 \nabla_x \log p_t(x)]\, dt + g(t)\, d\bar w \qquad \text{(Eq. 6)} $$
+Probability-flow ODE: no noise, same marginals p_t; run forward ($dt > 0$) or backward ($dt < 0$):
+    $$ \frac{dx}{dt} = f(x, t) - \tfrac{1}{2} g(t)^2 \nabla_x \log p_t(x) \qquad \text{(Eq. 13)} $$
+Both are integrated with fixed steps of size $|dt| = 1 / \text{steps}$: Euler-Maruyama for the SDEs, Euler for the
+ODEs.
 
-Closed-form marginal score. The data are p_0 = sum_k w_k N(mu_k, diag(s_k^2)). Pushing one component through the
-Gaussian kernel above gives again a Gaussian, so p_t is a mixture with the same weights and
-    m_k(t) = sqrt(abar(t)) mu_k,        v_k(t) = abar(t) s_k^2 + 1 - abar(t)
-    grad_x log p_t(x) = sum_k r_k(x, t) (m_k(t) - x) / v_k(t),
-    r_k(x, t) = softmax_k( log w_k + log N(x; m_k(t), diag(v_k(t))) )      (responsibilities, via log-sum-exp)
-so the score stays finite far out in the tails, where every N(x; m_k, v_k) underflows to 0.
+Closed-form marginal score. The data are $p_0 = \sum_k w_k N(\mu_k, \mathrm{diag}(s_k^2))$. Pushing one component
+through the Gaussian kernel above gives again a Gaussian, so p_t is a mixture with the same weights and
+    $$ m_k(t) = \sqrt{\bar\alpha(t)}\, \mu_k, \qquad v_k(t) = \bar\alpha(t)\, s_k^2 + 1 - \bar\alpha(t) $$
+    $$ \nabla_x \log p_t(x) = \sum_k r_k(x, t) \frac{m_k(t) - x}{v_k(t)}, $$
+    $$ r_k(x, t) = \mathrm{softmax}_k \big( \log w_k + \log N(x; m_k(t), \mathrm{diag}(v_k(t))) \big)
+       \qquad \text{(responsibilities, via log-sum-exp)} $$
+so the score stays finite far out in the tails, where every $N(x; m_k, v_k)$ underflows to 0.
 
 Usage:
     python sde_toy.py --out runs/sde_toy                     # 1-D: trajectories of the 4 processes + histograms
@@ -42,11 +46,11 @@ import rundir
 DTYPE = torch.float64  # the toy is tiny; float64 lets the tests hold the closed forms to 1e-9 and tighter
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Schedule: the VP-SDE with linear beta(t)
+# %% Schedule: the VP-SDE with linear beta(t) --------------------------------------------------------------------
 
 class VPSDE:
-    """dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw on t in [0, 1], beta(t) = beta_min + t (beta_max - beta_min)."""
+    r"""$dx = -\tfrac{1}{2} \beta(t)\, x\, dt + \sqrt{\beta(t)}\, dw$ on t in [0, 1],
+    $\beta(t) = \beta_\text{min} + t\, (\beta_\text{max} - \beta_\text{min})$."""
 
     def __init__(self, beta_min=0.1, beta_max=20.0):
         if not (0.0 <= beta_min <= beta_max and beta_max > 0.0):
@@ -59,7 +63,8 @@ class VPSDE:
         return self.beta_min + t * (self.beta_max - self.beta_min)
 
     def abar(self, t):
-        # abar(t) = exp(-int_0^t beta(s) ds), and int_0^t beta(s) ds = beta_min t + 1/2 (beta_max - beta_min) t^2
+        # $\bar\alpha(t) = \exp(-\int_0^t \beta(s)\, ds)$, and
+        # $\int_0^t \beta(s)\, ds = \beta_\text{min} t + \tfrac{1}{2} (\beta_\text{max} - \beta_\text{min}) t^2$
         return math.exp(-(self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t ** 2))
 
     def f(self, x, t):
@@ -69,7 +74,8 @@ class VPSDE:
         return math.sqrt(self.beta(t))  # diffusion coefficient
 
     def marginal(self, p0, t):
-        """p_t as a GaussianMixture: each component N(mu_k, s_k^2) becomes N(sqrt(abar) mu_k, abar s_k^2 + 1 - abar)."""
+        r"""p_t as a GaussianMixture: each component $N(\mu_k, s_k^2)$ becomes
+        $N(\sqrt{\bar\alpha}\, \mu_k, \bar\alpha s_k^2 + 1 - \bar\alpha)$."""
         if not 0.0 <= t <= 1.0:
             raise ValueError(f"t must lie in [0, 1] (t = 0 data, t = 1 noise), got t={t}")
         abar = self.abar(t)
@@ -77,11 +83,10 @@ class VPSDE:
                                torch.sqrt(abar * p0.stds ** 2 + (1.0 - abar)), check=False)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Data: a mixture of axis-aligned Gaussians, closed under the VP-SDE
+# %% Data: a mixture of axis-aligned Gaussians, closed under the VP-SDE ------------------------------------------
 
 class GaussianMixture:
-    """p(x) = sum_k w_k N(x; mu_k, diag(s_k^2)).
+    r"""$p(x) = \sum_k w_k N(x; \mu_k, \mathrm{diag}(s_k^2))$.
 
     :param weights: [K] mixture weights, positive, summing to 1.
     :param means: [K x D] component means ([K] is read as D = 1).
@@ -119,13 +124,14 @@ class GaussianMixture:
         return self.means.shape[1]
 
     def sample(self, n, generator=None):
-        """n samples, [n x D]: pick a component k ~ w, then x = mu_k + s_k * z."""
+        r"""n samples, [n x D]: pick a component $k \sim w$, then $x = \mu_k + s_k \odot z$."""
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, generator=generator, dtype=DTYPE)
         return self.means[k] + self.stds[k] * z
 
     def log_joint(self, x):
-        """log w_k + log N(x; mu_k, diag(s_k^2)) for every particle and component, [N x K], for x: [N x D]."""
+        r"""$\log w_k + \log N(x; \mu_k, \mathrm{diag}(s_k^2))$ for every particle and component, [N x K], for
+        x: [N x D]."""
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape [N, {self.dim}], got {tuple(x.shape)}")
         var = self.stds ** 2                                        # [K x D]
@@ -134,11 +140,11 @@ class GaussianMixture:
         return torch.log(self.weights) + log_normal
 
     def log_prob(self, x):
-        """log p(x), [N], for x: [N x D]."""
+        r"""$\log p(x)$, [N], for x: [N x D]."""
         return torch.logsumexp(self.log_joint(x), dim=1)
 
     def score(self, x):
-        """grad_x log p(x), [N x D]: sum_k r_k(x) (mu_k - x) / s_k^2 with softmax responsibilities r_k."""
+        r"""$\nabla_x \log p(x)$, [N x D]: $\sum_k r_k(x) (\mu_k - x) / s_k^2$ with softmax responsibilities r_k."""
         r = torch.softmax(self.log_joint(x), dim=1)                # [N x K], stable: softmax subtracts the max
         return (r[:, :, None] * (self.means - x[:, None, :]) / self.stds ** 2).sum(1)
 
@@ -151,7 +157,7 @@ class GaussianMixture:
 
 
 def mixture_score(sde, p0):
-    """The closed-form score s(x, t) = grad_x log p_t(x) of the VP-SDE marginals of p0; x: [N x D], t: float."""
+    r"""The closed-form score $s(x, t) = \nabla_x \log p_t(x)$ of the VP-SDE marginals of p0; x: [N x D], t: float."""
     return lambda x, t: sde.marginal(p0, t).score(x)
 
 
@@ -163,9 +169,9 @@ MIXTURES = {
 }
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Samplers. Each takes x: [N x D] at its start time and returns x at its end time, or (ts, xs) with the whole
-# path xs: [steps + 1 x N x D] at times ts: [steps + 1] when path=True. score(x, t) -> [N x D].
+# %% Samplers ----------------------------------------------------------------------------------------------------
+# Each takes x: [N x D] at its start time and returns x at its end time, or (ts, xs) with the whole path
+# xs: [steps + 1 x N x D] at times ts: [steps + 1] when path=True. score(x, t) -> [N x D].
 
 def _check(steps, x, t_start, t_end, forward):
     if int(steps) != steps or steps < 1:
@@ -179,7 +185,8 @@ def _check(steps, x, t_start, t_end, forward):
 
 
 def _loop(t_start, t_end, steps, desc, progress):
-    """Yield (t, dt) for the fixed grid t_i = t_start + i (t_end - t_start) / steps, i = 0 .. steps - 1."""
+    r"""Yield (t, dt) for the fixed grid $t_i = t_\text{start} + i\, (t_\text{end} - t_\text{start}) / \text{steps}$,
+    $i = 0, \dots, \text{steps} - 1$."""
     dt = (t_end - t_start) / steps  # negative when running backwards in time
     for i in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
         yield t_start + i * dt, dt
@@ -190,7 +197,7 @@ def _result(t_start, t_end, steps, x, xs, path):
 
 
 def forward_sde(x, sde, steps, t_start=0.0, t_end=1.0, generator=None, path=False, progress=False):
-    """Euler-Maruyama on dx = f dt + g dw from t_start to t_end > t_start (data -> noise)."""
+    r"""Euler-Maruyama on $dx = f\, dt + g\, dw$ from t_start to t_end > t_start (data -> noise)."""
     _check(steps, x, t_start, t_end, forward=True)
     xs = [x]
     for t, dt in _loop(t_start, t_end, steps, "forward SDE", progress):
@@ -207,10 +214,11 @@ def reverse_sde(score, x, sde, steps, t_start=1.0, t_end=0.0, generator=None, pa
     xs = [x]
     for t, dt in _loop(t_start, t_end, steps, "reverse SDE", progress):
         z = torch.randn(x.shape, generator=generator, dtype=x.dtype)
-        # drift f - g^2 score, multiplied by dt < 0. Signs: f dt = +1/2 beta x |dt| undoes the forward shrinking;
-        # -g^2 score dt = +g^2 score |dt| climbs the density. The g^2 (not 1/2 g^2 as in the ODE) is 1/2 g^2 to
-        # transport p_t backwards plus 1/2 g^2 to cancel the spreading by the fresh noise below (Anderson 1982).
-        # The reverse-time Wiener increment has variance |dt|, hence sqrt(-dt).
+        # drift $f - g^2\, \text{score}$, multiplied by $dt < 0$. Signs: $f\, dt = +\tfrac{1}{2} \beta x |dt|$
+        # undoes the forward shrinking; $-g^2\, \text{score}\, dt = +g^2\, \text{score}\, |dt|$ climbs the density.
+        # The $g^2$ (not $\tfrac{1}{2} g^2$ as in the ODE) is $\tfrac{1}{2} g^2$ to transport p_t backwards plus
+        # $\tfrac{1}{2} g^2$ to cancel the spreading by the fresh noise below (Anderson 1982).
+        # The reverse-time Wiener increment has variance $|dt|$, hence $\sqrt{-dt}$.
         x = x + (sde.f(x, t) - sde.g(t) ** 2 * score(x, t)) * dt + sde.g(t) * math.sqrt(-dt) * z
         if path:
             xs.append(x)
@@ -222,9 +230,11 @@ def forward_ode(score, x, sde, steps, t_start=0.0, t_end=1.0, path=False, progre
     _check(steps, x, t_start, t_end, forward=True)
     xs = [x]
     for t, dt in _loop(t_start, t_end, steps, "forward ODE", progress):
-        # velocity f - 1/2 g^2 score: Fokker-Planck dp/dt = -div(f p) + 1/2 g^2 lap p, and
-        # 1/2 g^2 lap p = div(1/2 g^2 p grad log p), so diffusion acts on p_t like transport by -1/2 g^2 score.
-        # With dt > 0 the score term pushes particles down the density, spreading them as the noise would.
+        # velocity $f - \tfrac{1}{2} g^2\, \text{score}$: Fokker-Planck
+        # $dp/dt = -\nabla \cdot (f p) + \tfrac{1}{2} g^2 \Delta p$, and
+        # $\tfrac{1}{2} g^2 \Delta p = \nabla \cdot (\tfrac{1}{2} g^2 p \nabla \log p)$, so diffusion acts on p_t like
+        # transport by $-\tfrac{1}{2} g^2\, \text{score}$.
+        # With $dt > 0$ the score term pushes particles down the density, spreading them as the noise would.
         x = x + (sde.f(x, t) - 0.5 * sde.g(t) ** 2 * score(x, t)) * dt
         if path:
             xs.append(x)
@@ -236,16 +246,16 @@ def reverse_ode(score, x, sde, steps, t_start=1.0, t_end=0.0, path=False, progre
     _check(steps, x, t_start, t_end, forward=False)
     xs = [x]
     for t, dt in _loop(t_start, t_end, steps, "reverse ODE", progress):
-        # same velocity as forward_ode; dt < 0 flips both terms: +1/2 beta x |dt| expands, +1/2 g^2 score |dt|
-        # concentrates particles onto the modes. Deterministic, so it inverts forward_ode up to O(|dt|) error.
+        # same velocity as forward_ode; $dt < 0$ flips both terms: $+\tfrac{1}{2} \beta x |dt|$ expands,
+        # $+\tfrac{1}{2} g^2\, \text{score}\, |dt|$ concentrates particles onto the modes. Deterministic, so it inverts
+        # forward_ode up to $O(|dt|)$ error.
         x = x + (sde.f(x, t) - 0.5 * sde.g(t) ** 2 * score(x, t)) * dt
         if path:
             xs.append(x)
     return _result(t_start, t_end, steps, x, xs, path)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Figures
+# %% Figures -----------------------------------------------------------------------------------------------------
 
 def _ks_pvalue(samples, p0):
     """One-sample KS test of 1-D samples against the exact mixture CDF: (statistic, p-value)."""
@@ -368,8 +378,7 @@ def plot_2d(runs, sde, p0, path, times=(0.0, 0.1, 0.2, 0.35, 0.5, 1.0), n_points
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# CLI
+# %% CLI ---------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -1,4 +1,4 @@
-"""The U-Net every script in this project uses: OpenAI's ADM U-Net, written out in one file.
+r"""The U-Net every script in this project uses: OpenAI's ADM U-Net, written out in one file.
 
 Papers:
   Ronneberger, Fischer, Brox. U-Net: Convolutional Networks for Biomedical Image Segmentation. MICCAI 2015,
@@ -17,18 +17,22 @@ through unet.adm(**its_published_config), and computes the same function (checke
 guided-diffusion on random weights; tests/test_unet.py checks the details independently).
 
 Time embedding (Vaswani et al. 2017 / DDPM; ADM puts the cosines first), for a scalar t and d = model_channels:
-    f_i = 10000^(-i / (d/2)),  i = 0 .. d/2 - 1
-    e(t) = [cos(t f_0), ..., cos(t f_{d/2-1}), sin(t f_0), ..., sin(t f_{d/2-1})]
-    emb  = time_embed(e(t)) [+ cond_embed(e(cond)) if extra_cond] [+ guidance_embed(e(w)) if guidance_cond]
-           [+ label_emb(y) if num_classes]   -> 4d
-Residual block (h = in_layers(x) = conv(SiLU(GN(x)))):
-    plain:            out = skip(x) + conv0(drop(SiLU(GN(h + W e))))
-    scale-shift norm: out = skip(x) + conv0(drop(SiLU(GN(h) * (1 + s) + b))),  (s, b) = W e      (ADM's AdaGN)
-    conv0 is zero-initialised, so every block starts as its skip path; GN: GroupNorm with 32 groups computed in
-    float32 (gcd(32, C) groups for the narrow layers of our small presets, where 32 groups do not fit).
-Attention: softmax(q k^T / sqrt(ch)) v per head, q, k, v from one 1x1 conv "qkv" with 3C outputs. The legacy order
-(all published ADM checkpoints) reads those 3C channels as heads x (q, k, v) x ch; use_new_attention_order reads
-them as (q, k, v) x heads x ch.
+    $$ f_i = 10000^{-i / (d/2)}, \quad i = 0, \dots, d/2 - 1 $$
+    $$ e(t) = [\cos(t f_0), \dots, \cos(t f_{d/2-1}), \sin(t f_0), \dots, \sin(t f_{d/2-1})] $$
+    $$ \text{emb} = \text{time_embed}(e(t)) \; [+\, \text{cond_embed}(e(\text{cond})) \text{ if extra_cond}]
+       \; [+\, \text{guidance_embed}(e(w)) \text{ if guidance_cond}] \; [+\, \text{label_emb}(y) \text{ if num_classes}]
+       \quad \to 4d $$
+Residual block ($h = \text{in_layers}(x) = \mathrm{conv}(\mathrm{SiLU}(\mathrm{GN}(x)))$):
+    $$ \text{plain:} \quad \mathrm{out} = \mathrm{skip}(x)
+       + \mathrm{conv}_0(\mathrm{drop}(\mathrm{SiLU}(\mathrm{GN}(h + W e)))) $$
+    $$ \text{scale-shift norm:} \quad \mathrm{out} = \mathrm{skip}(x)
+       + \mathrm{conv}_0(\mathrm{drop}(\mathrm{SiLU}(\mathrm{GN}(h) (1 + s) + b))), \quad (s, b) = W e
+       \qquad \text{(ADM's AdaGN)} $$
+    $\mathrm{conv}_0$ is zero-initialised, so every block starts as its skip path; GN: GroupNorm with 32 groups
+    computed in float32 (gcd(32, C) groups for the narrow layers of our small presets, where 32 groups do not fit).
+Attention: $\mathrm{softmax}(q k^\top / \sqrt{\text{ch}})\, v$ per head, q, k, v from one 1x1 conv "qkv" with 3C
+outputs. The legacy order (all published ADM checkpoints) reads those 3C channels as heads x (q, k, v) x ch;
+use_new_attention_order reads them as (q, k, v) x heads x ch.
 
 Time convention: t is embedded exactly as given. Each script states what it passes: the integer DDPM step
 0..T-1 as a float (ddpm.py, ADM checkpoints), or a continuous time scaled by 1000, e.g. 1000 * t for t in [0, 1]
@@ -82,7 +86,8 @@ import torch.nn.functional as F
 
 
 def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal embedding [cos(t f), sin(t f)] with f_i = max_period^(-i/half) (see module docstring).
+    r"""Sinusoidal embedding $[\cos(t f), \sin(t f)]$ with $f_i = \text{max_period}^{-i / \text{half}}$
+    (see module docstring).
 
     :param t: (B,) tensor of (possibly fractional) times.
     :return: (B, dim) float32 tensor; an odd dim gets one trailing zero.
@@ -223,7 +228,7 @@ class AttentionBlock(nn.Module):
         else:  # legacy: heads x (q, k, v) x ch
             q, k, v = qkv.reshape(B, T, self.num_heads, 3, ch).permute(3, 0, 2, 1, 4)
         # q, k, v: (B, heads, T, ch) with ch contiguous, as the fused SDPA kernels want; SDPA's default scale is
-        # 1/sqrt(ch), as in ADM.
+        # $1 / \sqrt{\text{ch}}$, as in ADM.
         a = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, ch)
         a = a.permute(0, 1, 3, 2).reshape(B, C, T)  # back to channels, head-major as ADM
         return (x + self.proj_out(a)).reshape(B, C, H, W)
@@ -502,7 +507,8 @@ def count_parameters(model):
 
 @torch.no_grad()
 def ema_update(ema_model, model, decay):
-    """Exponential moving average of the weights, in place: ema <- decay * ema + (1 - decay) * model."""
+    r"""Exponential moving average of the weights, in place:
+    $\text{ema} \leftarrow \text{decay} \cdot \text{ema} + (1 - \text{decay}) \cdot \text{model}$."""
     ema_params, params = dict(ema_model.named_parameters()), dict(model.named_parameters())
     if ema_params.keys() != params.keys():
         raise ValueError("ema_model and model have different parameters; build the EMA copy with copy.deepcopy(model)")
