@@ -142,7 +142,7 @@ def test_bench_class_conditional_adds_a_guided_row_per_method_at_equal_nfe(tmp_p
     best score at each NFE with and without guidance, recomputed here."""
     bench = load_bench()
     out = tmp_path / "bench"
-    bench.main(["--minutes", "0.05", "--arch", "tiny", "--num-samples", "20", "--methods", "rf", "meanflow",
+    bench.main(["--minutes", "0.02", "--arch", "tiny", "--num-samples", "10", "--methods", "rf", "meanflow",
                 "--method-args", "meanflow=--arch tiny", "--class-cond", "--guidance", "2", "--spread-seeds", "0",
                 "--no-training-spread", "--out", str(out)])
     rows = json.loads((out / "results.json").read_text())["results"]
