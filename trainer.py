@@ -395,6 +395,10 @@ def check_teacher(path, method, methods):
         if method.needs_teacher:
             raise UsageError(f"{method.name} needs --teacher RUN_DIR, a trained {' or '.join(kinds)} run "
                             f"(python fewstep.py --method {kinds[0]} --out RUN ...)")
+        if kinds and getattr(method, "guidance", 1.0) != 1:  # cm, scm: the guidance is the teacher's velocity's
+            raise UsageError(f"--guidance {method.guidance:g}: {method.name} learns a guided field only from a "
+                            f"teacher; add --teacher RUN_DIR (distillation) or drop --guidance (training from "
+                            f"scratch)")
         return None
     state, cfg = load_run(path, "--teacher")
     why = method.teacher_ok(cfg)

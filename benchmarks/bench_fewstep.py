@@ -30,7 +30,8 @@ Class-conditional (--class-cond): the digits are the labels, every method trains
 on num_samples / 10 samples of each digit. --guidance W adds, for every method, a row guided at scale W at equal
 NFE: rf, shortcut, imf and pmf choose their scale at sampling, so that row samples the same run again (a guided rf
 or shortcut step costs 2 NFE: no NFE 1); meanflow trains its scale in and the distillers learn the teacher's guided
-velocity, so those are trained again with W for the same budget. It ends with the best score at each NFE with and
+velocity, so those are trained again with W for the same budget (cm and scm trained from scratch learn no guided
+field: no such row). It ends with the best score at each NFE with and
 without guidance.
 
 Usage:
@@ -101,7 +102,9 @@ def train(run, argv, minutes, log, nfes=(1,)):
     NFEs (what ld3 fits its grids at and the grids show)."""
     run = Path(run)
     left = minutes - trained_minutes(run)
-    if (run / "bench.json").exists() or left <= 0.01:
+    # eval.json is written when a training invocation ends at its budget: a finished run is not entered again for
+    # the seconds its start-up took (those count against its --minutes but not in its training seconds).
+    if any((run / f).exists() for f in ("bench.json", "eval.json")) or left <= 0.01:
         return
     log(f"{run.name}: training {left:.2f} more min")
     fewstep.main([*argv, "--minutes", f"{left:.4f}", "--out", str(run), "--no-fid", "--nfe", *map(str, nfes),
@@ -232,7 +235,9 @@ def main(argv=None):
             argv_m += ["--teacher", str(teacher)]
         budget = args.minutes - (teacher_minutes if distills else 0.0)
         runs[name] = (out / name, argv_m, budget, method_nfes(name, argv_m, args.class_cond), distills)
-        if w is not None:  # the same method guided at scale w, in a row of its own
+        # The same method guided at scale w, in a row of its own; cm and scm trained from scratch have no guided
+        # field to learn (theirs is the teacher's), so they have no such row.
+        if w is not None and ("--teacher" in argv_m or not cls.teacher_methods):
             argv_w = argv_m + ["--guidance", f"{w:g}"] + (["--nfe", "2", "4"] if name == "ld3" else [])
             nfes_w = method_nfes(name, argv_w, True)  # a guided rf step costs 2 NFE: no NFE 1
             if "guidance" in cls.sampling_options:

@@ -119,7 +119,8 @@ def test_bench_scores_each_row_from_its_own_samples_resumes_and_states_the_goal_
 
 
 def test_bench_resumes_an_interrupted_run_for_the_rest_of_its_budget(tmp_path, monkeypatch):
-    """A run whose checkpoint holds part of the budget is trained only for what is left (read from ckpt.pt)."""
+    """A run whose checkpoint holds part of the budget is trained only for what is left (read from ckpt.pt); a run
+    whose invocation ended (eval.json written) is not entered again for the seconds its start-up took."""
     bench = load_bench()
     run = tmp_path / "rf"
     fewstep.main(["--method", "rf", "--data", "mnist5k", "--arch", "tiny", "--batch-size", "16", "--steps", "2",
@@ -127,6 +128,9 @@ def test_bench_resumes_an_interrupted_run_for_the_rest_of_its_budget(tmp_path, m
     held = torch.load(run / "ckpt.pt", weights_only=True)["train_seconds"] / 60
     asked = []
     monkeypatch.setattr(bench.fewstep, "main", lambda argv: asked.append(argv))
+    bench.train(run, ["--method", "rf"], held + 0.5, print)  # ended: eval.json
+    assert asked == []
+    (run / "eval.json").unlink()  # killed before its closing evaluation
     bench.train(run, ["--method", "rf"], held + 0.5, print)
     assert len(asked) == 1
     minutes = float(asked[0][asked[0].index("--minutes") + 1])
