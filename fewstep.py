@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 
 TIME_SCALE, TIME_DISTS = 1000.0, ("uniform", "logit-normal")  # 1000 t: unet.py embeds DDPM's integer steps 0..999
+SAMPLING_GUIDANCE = ("class-conditional runs: classifier-free guidance scale w at sampling (1: none; a guided step "
+                     "costs 2 NFE)")
 
 
 def option(default, help, flag=None, choices=None):  # default: the paper's unless the help says otherwise
@@ -92,6 +94,7 @@ class Method:
     def describe_run(self): return ""  # a sentence for report.md on this run's own choices
     def bound(self, net, y): return Conditioned(net, y, self.num_classes)  # net with the batch's labels (or None)
     def guided_teacher(self, y): return Guided(self.teacher, y, self.num_classes, self.guidance)  # the teacher's w
+    def guided(self): return self.num_classes is not None and self.guidance != 1  # rf, shortcut: 2 NFE per step
 
 
 # %% rf: rectified flow / flow matching ----------------------------------------------------------------------------
@@ -115,14 +118,10 @@ class RectifiedFlow(Method):
     time_dist: str = option("uniform", "time distribution (logit-normal: Esser et al. 2024)", choices=TIME_DISTS)
     logit_mean: float = option(0.0, "mean of the logit-normal time distribution")
     logit_std: float = option(1.0, "std of the logit-normal time distribution")
-    guidance: float = option(1.0, "class-conditional runs: classifier-free guidance scale w at sampling (1: none; "
-                                  "a guided step costs 2 NFE)", flag="--guidance")
+    guidance: float = option(1.0, SAMPLING_GUIDANCE, flag="--guidance")
 
     def __post_init__(self):
         require(self.time_dist in TIME_DISTS, f"unknown time distribution {self.time_dist!r}; use one of {TIME_DISTS}")
-
-    def guided(self):
-        return self.num_classes is not None and self.guidance != 1
 
     def check_nfe(self, nfe):
         super().check_nfe(nfe)
@@ -196,6 +195,10 @@ class Conditioned:
     def null(self):
         return self if self.y is None else self.like(torch.full_like(self.y, self.null_label), self.w)
 
+    def with_null(self):  # for the rows stacked twice: labels [y, null], guidance input [w, none] (one call, 2 NFE)
+        w = None if self.w is None else torch.cat([self.w, torch.zeros_like(self.w)])
+        return Conditioned(self.net, torch.cat([self.y, torch.full_like(self.y, self.null_label)]), self.null_label, w)
+
     @property
     def module(self):  # the unwrapped network (DDP's .module) with the same labels
         return self.like(self.y, self.w, getattr(self.net, "module", self.net))
@@ -221,9 +224,7 @@ class Guided(Conditioned):
         if self.scale == 1 or self.y is None:
             return super().__call__(x, t, cond)
         two = lambda v: None if v is None else torch.cat([v, v])  # noqa: E731
-        kw = {"y": torch.cat([self.y, torch.full_like(self.y, self.null_label)])}
-        out = self.net(two(x), two(t), **kw) if cond is None else self.net(two(x), two(t), two(cond), **kw)
-        v_c, v_u = out.chunk(2)
+        v_c, v_u = self.with_null()(two(x), two(t), two(cond)).chunk(2)
         return v_u + self.scale * (v_c - v_u)
 
 
@@ -319,8 +320,7 @@ class Shortcut(Method):
     bootstrap_ema: bool = option(True, "bootstrap targets from the online net instead of the EMA",
                                  flag="--no-bootstrap-ema")
     time_dist: str = option("uniform", "time distribution (logit-normal: Esser et al. 2024)", choices=TIME_DISTS)
-    guidance: float = option(1.0, "class-conditional runs: classifier-free guidance scale w at sampling (1: none; "
-                                  "a guided step costs 2 NFE)", flag="--guidance")
+    guidance: float = option(1.0, SAMPLING_GUIDANCE, flag="--guidance")
 
     def __post_init__(self):
         m, k = self.max_steps, self.bootstrap_every
@@ -329,9 +329,6 @@ class Shortcut(Method):
         require(isinstance(k, int) and k >= 2, f"bootstrap_every must be an integer >= 2 (the paper: 4), got {k!r}")
         require(self.fm_d in ("zero", "min") and self.time_dist in TIME_DISTS,
                 f"fm_d must be zero or min and time_dist one of {TIME_DISTS}")
-
-    def guided(self):
-        return self.num_classes is not None and self.guidance != 1
 
     def check_nfe(self, nfe):
         per_step = 2 if self.guided() else 1  # a guided step runs the labelled and the null branch
@@ -382,7 +379,7 @@ class Shortcut(Method):
 
 
 def grid_times(nfe, given=None):
-    """0 = t_0 < t_1 < ... < t_nfe = 1: the uniform grid k / nfe, or the intermediate times `given` for this NFE."""
+    r"""$0 = t_0 < t_1 < \dots < t_n = 1$, n = nfe: the uniform grid $t_k = k / n$, or the times `given` at nfe."""
     return (0.0, *((given or {}).get(nfe) or (k / nfe for k in range(1, nfe))), 1.0)
 
 
@@ -428,8 +425,9 @@ class MeanFlow(Method):
            \text{ summed over pixels)} $$
         $$ x_{k+1} = x_k + (t_{k+1} - t_k)\, u(x_k, t_k, t_{k+1}), \quad 0 = t_0 < \dots < t_n = 1
            \qquad \text{(Alg. 2)} $$
-    Convention: the paper's z_t = (1 - t') x + t' e runs backwards: t' = 1 - t, r' = 1 - s, v' = -v, u' = -u, and
-    its u = v - (t' - r') du/dt is the same equation. du/dt is the JVP along the tangent (dx, dt, ds) = (v, 1, 0).
+    Convention: the paper's $z_{t'} = (1 - t') x + t' \epsilon$ runs backwards: $t' = 1 - t$, $r' = 1 - s$, $v' = -v$,
+    $u' = -u$, and its $u = v - (t' - r')\, du/dt$ is the same equation. du/dt is the JVP along the tangent
+    $(\dot x, \dot t, \dot s) = (v, 1, 0)$.
     Times: t', r' ~ logit-normal(time_mean, time_std) in the paper's convention, sorted t' >= r', and r' := t' on a
     share 1 - ratio of the batch (plain flow matching); defaults: the paper's CIFAR-10 U-Net recipe. Second scalar:
     the span s - t (Table 1c), 0 at s = t, where unet.py's zero-initialised cond embedding gives a plain flow net.
@@ -437,11 +435,13 @@ class MeanFlow(Method):
     turns 1000 times faster, and its derivative in the JVP makes the target unstable.
     This project's options: `times` (any sampling grid: the identity holds for every (t, s)); grid_share (a share
     of the s != t rows takes (t, s) = (k/n, (k+1)/n) from the grids of grid_nfes, where the logit-normal puts little
-    mass); fd_step = h > 0: du/dt by a central difference, one no-grad forward of 2n rows (du/dt enters the loss
-    stopped), error O(h^2) + O(eps / h), eps the float32 rounding; without forward-mode AD, torch.compile applies.
-    Class-conditional runs (Sec. 4.2, guidance trained in): v is replaced, in the target and the tangent, on rows
-    that kept their label, by v_g = omega v + kappa u(x_t, t, t | y) + (1 - omega - kappa) u(x_t, t, t | null)
-    (both stopped, omega = w (1 - kappa)); the fixed point is the field guided at scale w, at 1 NFE per step.
+    mass); fd_step = $h > 0$: du/dt by a central difference, one no-grad forward of 2n rows (du/dt enters the loss
+    stopped), error $O(h^2) + O(\epsilon / h)$, $\epsilon$ the float32 rounding; without forward-mode AD,
+    torch.compile applies. Class-conditional runs (Sec. 4.2, guidance trained in): v is replaced, in the target and
+    the tangent, on rows that kept their label, by
+        $$ v_g = \omega v + \kappa\, u(x_t, t, t | y) + (1 - \omega - \kappa)\, u(x_t, t, t | \text{null}),
+           \quad \omega = w (1 - \kappa) $$
+    (both u stopped); the fixed point is the field guided at scale w, at 1 NFE per step.
     """
     name = "meanflow"
     uses_cond, second_scalar = True, "span s - t"
@@ -491,14 +491,16 @@ class MeanFlow(Method):
         return net(x, self.time_scale * t, cond=self.time_scale * (s - t))
 
     def total_derivative(self, net, x, t, s, dxdt):
-        """(u_theta(x, t, s), du_theta/dt) in one forward-mode pass: the JVP along (dx, dt, ds) = (dxdt, 1, 0)."""
+        r"""$(u_\theta(x, t, s), du_\theta/dt)$ in one forward-mode pass: the JVP along the tangent dxdt, 1, 0:
+        $(\dot x, \dot t, \dot s) = (\dot x_t, 1, 0)$."""
         return jvp(lambda x, t, s: self.average_velocity(net, x, t, s), (x, t, s),
                    (dxdt, torch.ones_like(t), torch.zeros_like(s)))
 
     @torch.no_grad()
     def finite_difference_derivative(self, net, x, t, s, dxdt):
-        """du/dt ~ [u(x + h dxdt, t + h, s) - u(x - h dxdt, t - h, s)] / (2 h), h = fd_step: both points in one
-        forward of 2n rows. In float32 even under bf16 autocast: bf16's rounding divided by 2h would swamp it."""
+        r"""$du/dt \approx [u(x + h \dot x, t + h, s) - u(x - h \dot x, t - h, s)] / 2h$, h = fd_step, $\dot x$ = dxdt:
+        both points in one forward of 2n rows. In float32 even under bf16 autocast: bf16's rounding divided by 2h
+        would swamp it."""
         h = self.fd_step
         pm = torch.cat([torch.ones_like(t), -torch.ones_like(t)]) * h  # +h for the first n rows, -h for the rest
         x2, dxdt2 = torch.cat([x, x]).float(), torch.cat([dxdt, dxdt]).float()
@@ -525,7 +527,8 @@ class MeanFlow(Method):
         return t, s
 
     def adaptive_loss(self, delta):
-        """delta: (B, C, H, W) prediction - target -> mean of sg(w) ||delta||^2, w = 1 / (||delta||^2 + c)^p."""
+        r"""delta: (B, C, H, W) prediction - target $\to$ the batch mean of $\mathrm{sg}(w) \|\delta\|^2$,
+        $w = 1 / (\|\delta\|^2 + c)^p$."""
         err = delta.pow(2).flatten(1).sum(1)
         w = 1.0 / (err.detach() + self.adaptive_c) ** self.adaptive_p
         self.last_metrics = {"mse": delta.detach().pow(2).mean().item()}  # unweighted, per pixel, for logs
@@ -580,8 +583,7 @@ class MeanFlow(Method):
             return v
         omega = self.guidance * (1 - self.kappa)
         with torch.no_grad():
-            pair = Conditioned(net.module.net, torch.cat([net.y, torch.full_like(net.y, self.num_classes)]),
-                               self.num_classes)  # rows [y, null]; unwrapped: no DDP hooks for a no-grad call
+            pair = net.module.with_null()  # unwrapped: no DDP hooks for a no-grad call
             two = torch.cat([t, t])
             u_c, u_u = self.average_velocity(pair, torch.cat([xt, xt]), two, two).float().chunk(2)
         v_g = omega * v + self.kappa * u_c + (1 - omega - self.kappa) * u_u
@@ -666,8 +668,7 @@ class ImprovedMeanFlow(MeanFlow):
         w = torch.where(y == self.num_classes, torch.ones_like(w), w)  # dropped labels: no guidance
         net = self.bound(net, y, w)
         with torch.no_grad():  # u(x_t, t, t | y, w) and u(x_t, t, t | null, 1): one call of 2B rows
-            pair = net.module.like(torch.cat([y, torch.full_like(y, self.num_classes)]),
-                                   torch.cat([net.w, torch.zeros_like(net.w)]))
+            pair = net.module.with_null()  # guidance input w - 1 = 0 on the null rows
             tt = torch.cat([t, t])
             u_c, u_u = self.average_velocity(pair, torch.cat([xt, xt]), tt, tt).float().chunk(2)
         v_g = v + expand_t(1 - 1 / w, v) * (u_c - u_u)  # w = 1 (dropped rows): v itself
@@ -961,7 +962,8 @@ class ContinuousConsistency(Method):
         return net(x_tau / self.sigma_data, self.time_scale * tau)
 
     def consistency_fn(self, net, x_tau, tau):
-        """f_theta(x_tau, tau) = cos(tau) x_tau - sin(tau) sigma_d F_theta: the data end of x_tau's trajectory."""
+        r"""$f_\theta(x_\tau, \tau) = \cos\tau\, x_\tau - \sin\tau\, \sigma_d F_\theta$: the data end of $x_\tau$'s
+        trajectory."""
         c, s = expand_t(torch.cos(tau), x_tau), expand_t(torch.sin(tau), x_tau)
         return c * x_tau - s * self.sigma_data * self.F(net, x_tau, tau)
 
@@ -975,14 +977,17 @@ class ContinuousConsistency(Method):
         return self.sigma_data * c * (x_t - tt * v) - s * (x_t + (1 - tt) * v)  # sigma_d cos E[x0] - sin E[x1]
 
     def derivative(self, net, x_tau, tau, dxdt):
-        """(F_theta-, cos sin dF_theta-/dtau): one JVP along (cos sin dx/dtau, cos sin), without gradient (theta-),
-        on the unwrapped network (no DDP hooks inside the JVP) with the same dropout masks as the loss's forward."""
+        r"""$(F_{\theta^-}, \cos\tau \sin\tau\, dF_{\theta^-}/d\tau)$: one JVP along the tangent
+        $(\cos\tau \sin\tau\, dx_\tau/d\tau, \cos\tau \sin\tau)$, without gradient ($\theta^-$), on the unwrapped
+        network (no DDP hooks inside the JVP) with the same dropout masks as the loss's forward."""
         module, dev, cs = getattr(net, "module", net), x_tau.device, torch.cos(tau) * torch.sin(tau)
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             return jvp(lambda x, tt: self.F(module, x, tt), (x_tau, tau), (expand_t(cs, x_tau) * dxdt, cs))
 
     def tangent(self, x_tau, tau, dxdt, F_minus, F_jvp, r):
-        """g = -cos^2 (sigma_d F- - dx/dtau) - r cos sin x_tau - r sigma_d (cos sin dF-/dtau), cos df/dtau at r = 1."""
+        r"""The tangent, $\cos\tau\, df_{\theta^-}/d\tau$ at r = 1 (r: the warm-up ratio):
+            $$ g = -\cos^2\tau\, (\sigma_d F_{\theta^-} - dx_\tau/d\tau)
+                   - r \cos\tau \sin\tau\, (x_\tau + \sigma_d\, dF_{\theta^-}/d\tau) $$"""
         c, s = expand_t(torch.cos(tau), x_tau), expand_t(torch.sin(tau), x_tau)
         return -c ** 2 * (self.sigma_data * F_minus - dxdt) - r * (c * s * x_tau + self.sigma_data * F_jvp)
 
@@ -1157,8 +1162,8 @@ class CTM(Method):
 
     @staticmethod
     def adaptive_weight(net, loss_rec, loss_gan, delta=1e-4):
-        """lambda = ||grad_W loss_rec|| / (||grad_W loss_gan|| + delta) clamped to [0, 1e4], W the network's last
-        weight with more than one dimension (unet.py's output conv), without gradient (Esser et al.)."""
+        r"""$\lambda = \|\nabla_W L_\text{rec}\| / (\|\nabla_W L_\text{GAN}\| + \delta)$ clamped to [0, 1e4], W the
+        network's last weight with more than one dimension (unet.py's output conv), without gradient (Esser et al.)."""
         w = [p for p in getattr(net, "module", net).parameters() if p.requires_grad and p.dim() > 1][-1]
         g_rec = torch.autograd.grad(loss_rec, w, retain_graph=True)[0]
         g_gan = torch.autograd.grad(loss_gan, w, retain_graph=True)[0]
@@ -1421,9 +1426,6 @@ class LD3(Method):
     def steps(self, nfe):  # solver steps at an NFE: a guided step costs 2
         return nfe // 2 if self.guidance != 1 else nfe
 
-    def guided(self, net, y):  # the teacher (or net) with labels y, guided at `guidance` (y None: as it is)
-        return Guided(net, y, self.num_classes, self.guidance)
-
     def steps_per_epoch(self):
         return math.ceil(self.num_pairs / self.batch_size)
 
@@ -1453,7 +1455,7 @@ class LD3(Method):
 
     def sample(self, net, noise, nfe, y=None):
         self.check_nfe(nfe)
-        return self.solve(self.guided(net, y), noise, nfe)
+        return self.solve(Guided(net, y, self.num_classes, self.guidance), noise, nfe)
 
     def on_step(self, step, net, ema):
         self.step = step  # the batch and the phase are functions of the step (a resumed run continues exactly)
@@ -1479,15 +1481,15 @@ class LD3(Method):
             x0_all = torch.randn((self.num_pairs, *x1.shape[1:]), generator=torch.Generator().manual_seed(self.seed))
             y_all = None if self.num_classes is None else torch.arange(self.num_pairs) % self.num_classes
             with torch.no_grad():
-                target = torch.cat([euler(self.guided(self.teacher, None if y_all is None else y_all[k:k + 250]
-                                                      .to(dev)), x0_all[k:k + 250].to(dev), self.teacher_steps)
+                target = torch.cat([euler(self.guided_teacher(None if y_all is None else y_all[k:k + 250].to(dev)),
+                                          x0_all[k:k + 250].to(dev), self.teacher_steps)
                                     .float().cpu() for k in range(0, self.num_pairs, 250)])
             self.pairs = {"x0": x0_all, "x1": target, "y": y_all}
             self.latents = {str(n): x0_all.clone() for n in self.nfes}
         idx = self.batch_indices(self.step)
         x0b, x1b = self.pairs["x0"][idx].to(dev), self.pairs["x1"][idx].to(dev)
         yb = None if self.pairs.get("y") is None else self.pairs["y"][idx].to(dev)
-        teacher, total, self._pending = self.guided(self.teacher, yb), 0.0, []
+        teacher, total, self._pending = self.guided_teacher(yb), 0.0, []
         for n in self.nfes:
             latent = self.latents[str(n)][idx].to(dev).requires_grad_(self.slack > 0)
             d = self.per_sample_distance(self.solve(teacher, latent, n), x1b)
@@ -1638,7 +1640,8 @@ class DMD2(Method):
 
     @staticmethod
     def denoise(net, x_t, t):
-        """x_t + (1 - t) v(x_t, t): a flow net's data prediction (the generator's output; the teacher's E[x1|x_t])."""
+        r"""$x_t + (1 - t)\, v(x_t, t)$: a flow net's data prediction (the generator's output; the teacher's
+        $E[x_1 | x_t]$)."""
         return x_t + expand_t(1 - t, x_t) * net(x_t, TIME_SCALE * t)
 
     def simulate(self, net, noise, k):

@@ -229,6 +229,13 @@ def make_method(methods, name, kwargs):
         raise UsageError(f"--method {name}: {e}")
 
 
+def bind_labels(method, cfg):
+    """The run's labels on its method (a class-conditional run's NFEs and guidance depend on them); returns it."""
+    method.num_classes = len(cfg["classes"]) if cfg.get("classes") else None
+    method.label_dropout = cfg.get("label_dropout", 0.1)
+    return method
+
+
 def supports(method, nfe):
     try:
         method.check_nfe(nfe)
@@ -944,8 +951,7 @@ def run(args, rank, world, device):
             if not run_dir:
                 raise UsageError(f"--export-fastgen: give --{mode.replace('_', '-')}-run RUN (or --out RUN for both)")
             state, cfg = load_run(run_dir)
-            method = make_method(methods, cfg["method"], cfg["method_args"])
-            method.num_classes = len(cfg["classes"]) if cfg.get("classes") else None
+            method = bind_labels(make_method(methods, cfg["method"], cfg["method_args"]), cfg)
             runs[mode] = (run_dir, state, method, nfe)
         return aic313.export_fastgen(runs, args.fastgen_course, args.export_fastgen, args.force, log)
     name = args.method or "rf"
@@ -972,9 +978,7 @@ def run(args, rank, world, device):
         nfes = list(args.nfe or DEFAULT_NFES)
         check_nfes(method, nfes)  # before any data is loaded
         cfg = new_config(args, method, device, log)
-    method.num_classes = len(cfg["classes"]) if cfg.get("classes") else None  # labels change what NFEs exist
-    method.label_dropout = cfg.get("label_dropout", 0.1)
-    if method.num_classes is not None:
+    if bind_labels(method, cfg).num_classes is not None:
         check_nfes(method, nfes)
     if not args.no_fid and rank == 0:
         try:

@@ -88,6 +88,20 @@ def test_guided_rf_counts_two_nfe_per_step_and_refuses_odd_nfes():
     assert counter.per_image(4) == 4
 
 
+@pytest.mark.parametrize("name", ["cm", "scm"])
+def test_consistency_from_scratch_refuses_guidance_that_only_a_teacher_gives(name, tmp_path, capsys):
+    """cm and scm learn a guided field from a teacher's guided velocity; from scratch --guidance would change
+    nothing, so it is refused in one line, before a run directory exists."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        trainer.main(fewstep.METHODS, ["--method", name, "--data", "mnist5k", "--class-cond", "--guidance", "2",
+                                       "--arch", "tiny", "--steps", "1", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith(f"fewstep.py: --guidance 2: {name} learns a guided field only from a "
+                                                "teacher;") and "\n" not in err
+    assert not out.exists()
+
+
 def test_conditional_samples_of_the_exact_net_follow_their_class():
     """64 Euler steps of the exact conditional velocity: each class's samples pass a KS test against its own
     Gaussian (and fail against the other's)."""
