@@ -491,8 +491,8 @@ class MeanFlow(Method):
         return net(x, self.time_scale * t, cond=self.time_scale * (s - t))
 
     def total_derivative(self, net, x, t, s, dxdt):
-        r"""$(u_\theta(x, t, s), du_\theta/dt)$ in one forward-mode pass: the JVP along the tangent dxdt, 1, 0:
-        $(\dot x, \dot t, \dot s) = (\dot x_t, 1, 0)$."""
+        r"""$(u_\theta(x, t, s), du_\theta/dt)$ in one forward-mode pass: the JVP along the tangent
+        $(\dot x, \dot t, \dot s) = (\dot x_t, 1, 0)$, $\dot x_t$ = dxdt."""
         return jvp(lambda x, t, s: self.average_velocity(net, x, t, s), (x, t, s),
                    (dxdt, torch.ones_like(t), torch.zeros_like(s)))
 
@@ -621,8 +621,8 @@ class ImprovedMeanFlow(MeanFlow):
         $$ V_\theta(x_t, t, s) = u_\theta(x_t, t, s) - (s - t)\, \mathrm{sg}[\tfrac{du_\theta}{dt}], \quad
            \tfrac{du}{dt} \text{ along } v_\theta = u_\theta(x_t, t, t) $$
         $$ L = E\, w \| V_\theta - (x_1 - x_0) \|^2 \qquad \text{(iMF Sec. 4.1)} $$
-    The tangent is the network's own velocity at the boundary s = t, so that V_theta is a function of x_t alone (iMF
-    Alg. 1 with the boundary condition instead of an extra v-head: a U-Net has one head). The paper's V' is -V here.
+    The tangent is the network's own velocity at the boundary s = t, so that $V_\theta$ is a function of $x_t$ alone
+    (iMF Alg. 1 with the boundary condition instead of an extra v-head: a U-Net has one head). Their V' is -V here.
     Defaults: the authors' released recipe. Options as MeanFlow's, but guidance is an input of the network
     (guidance conditioning): a class-conditional run feeds w as time_scale (w - 1), draws w log-uniform on [1,
     guidance_max] for each labelled row (1 on rows whose label was dropped) and regresses V onto
