@@ -1,17 +1,12 @@
 """Few-step generation: flow models trained from scratch to be good at 1, 2 and 4 network evaluations (NFE).
 
-Twelve methods, one class each: its docstring is the paper (summary, `Paper:`, equations, every deviation and why);
-`loss(net, x1, x0=None, ema=None, y=None)` trains any `net(x, t, cond=None, y=None)` (y: class labels, or None),
-`sample(net, noise, nfe, y=None)` runs it exactly nfe times per image. trainer.py holds the loop, CLI, evaluation
-and report; cs492c.py and aic313.py the course exports. Copy this file anywhere.
+Twelve methods, one class each (the protocol: class Method), its docstring the paper (summary, `Paper:`, equations,
+every deviation and why). Options are dataclass fields `x: float = option(default, "help")` (saved with the run,
+made flags by trainer.py); `loss(net, x1, x0=None, ema=None, y=None)` trains any `net(x, t, cond=None, y=None)` (y:
+class labels, or None); `sample(net, noise, nfe, y=None)` runs it exactly nfe times per image; `check_nfe(nfe)`
+raises UnsupportedNFE for an NFE it cannot do exactly; the runner sets `teacher` and `training_step`. trainer.py
+holds the loop, CLI, evaluation and report; cs492c.py and aic313.py the course exports. Copy this file anywhere.
 
-Time convention: t in [0, 1], t = 0 is noise x0 ~ N(0, I), t = 1 is data x1 (an image in [-1, 1]); the path is
-x_t = (1 - t) x0 + t x1 and sampling integrates FORWARD from 0 to 1. Other conventions (MeanFlow's t', EDM's sigma,
-TrigFlow's tau) are mapped in their class's docstring. The network sees TIME_SCALE t (a second scalar alike).
-
-Protocol (class Method): options as dataclass fields `x: float = option(default, "help")` (saved with the run, made
-flags by trainer.py), `loss`, `sample`, `check_nfe(nfe)` (UnsupportedNFE for an NFE it cannot do exactly); the
-runner sets `teacher` and `training_step`; hooks for more than a loss default to nothing.
     rf        RectifiedFlow            Liu et al., arXiv:2209.03003; Lipman et al., arXiv:2210.02747
     reflow    Reflow                   Liu et al., arXiv:2209.03003 (Sec. 2.3)
     shortcut  Shortcut                 Frans et al., arXiv:2410.12557
@@ -24,6 +19,9 @@ runner sets `teacher` and `training_step`; hooks for more than a loss default to
     pd        ProgressiveDistillation  Salimans & Ho, arXiv:2202.00512
     ld3       LD3                      Tong et al., arXiv:2405.15506
     dmd2      DMD2                     Yin et al., arXiv:2405.14867
+Time convention: t in [0, 1], t = 0 is noise x0 ~ N(0, I), t = 1 is data x1 (an image in [-1, 1]); the path is
+x_t = (1 - t) x0 + t x1 and sampling integrates FORWARD from 0 to 1. Other conventions (MeanFlow's t', EDM's sigma,
+TrigFlow's tau) are mapped in their class's docstring. The network sees TIME_SCALE t (a second scalar alike).
 """
 import copy
 import dataclasses
@@ -33,8 +31,7 @@ import torch
 import torch.nn.functional as F
 
 TIME_SCALE, TIME_DISTS = 1000.0, ("uniform", "logit-normal")  # 1000 t: unet.py embeds DDPM's integer steps 0..999
-SAMPLING_GUIDANCE = ("class-conditional runs: classifier-free guidance scale w at sampling (1: none; a guided step "
-                     "costs 2 NFE)")
+SAMPLING_GUIDANCE = "class-conditional runs: classifier-free guidance scale w at sampling (a guided step: 2 NFE)"
 
 
 def option(default, help, flag=None, choices=None):  # default: the paper's unless the help says otherwise
