@@ -26,13 +26,12 @@ bench.json) is not trained or scored again, an interrupted one resumes from its 
 OUT/grid.png (a row per method, columns of samples at NFE 1, 2, 4 from the same noise: evaluation noise is a function
 of the seed only, so every method starts from the same images).
 
-Class-conditional (--class-cond): the digits are the labels, every method trains with label dropout and is scored
-on num_samples / 10 samples of each digit. --guidance W adds, for every method, a row guided at scale W at equal
-NFE: rf, shortcut, imf and pmf choose their scale at sampling, so that row samples the same run again (a guided rf
-or shortcut step costs 2 NFE: no NFE 1); meanflow trains its scale in and the distillers learn the teacher's guided
+Class-conditional (--class-cond): the digits are the labels, every method trains with label dropout and is scored on
+num_samples / 10 samples of each digit. --guidance W adds, for every method, a row guided at scale W at equal NFE:
+rf, shortcut, imf and pmf choose their scale at sampling, so that row samples the same run again (a guided rf or
+shortcut step costs 2 NFE: no NFE 1); meanflow trains its scale in and the distillers learn the teacher's guided
 velocity, so those are trained again with W for the same budget (cm and scm trained from scratch learn no guided
-field: no such row). It ends with the best score at each NFE with and
-without guidance.
+field: no such row). It ends with the best score at each NFE with and without guidance.
 
 Usage:
     python benchmarks/bench_fewstep.py --minutes 10 --out runs/bench-fewstep          # every method, 10 min each
