@@ -705,11 +705,13 @@ class PixelMeanFlow(ImprovedMeanFlow):
     t = 1; at s = t it is the denoiser $E[x_1 | x_t]$, and $\hat x(x_0, 0, 1)$ is the one-step sample. Convention: the
     paper's z_t = (1 - t') x + t' e with t' = 1 - t gives its u' = (z_t - x_hat) / t' = -u here; its clip of t' at 0.05
     is clip on 1 - t. Kept: x-prediction, iMF's loss and tangent, the adaptive weight (p = 1, c = 0.01), r = t on
-    half the batch, logit-normal(0.8, 0.8) times (the paper's ImageNet recipe). Deviations: (1) the target is the
-    conditional velocity x1 - x0, where the authors divide (z_t - x) by the same clipped t' (the two agree for
-    1 - t >= clip; with x1 - x0 the minimiser is the exact average velocity at every t); (2) no perceptual loss:
-    the paper adds LPIPS and ConvNeXt losses on x_hat for t' < 0.8, whose ImageNet-pretrained weights a
-    from-scratch entry may not use, so x_hat is trained by the velocity loss alone. Options as imf's.
+    half the batch, logit-normal(0.8, 0.8) times (the paper's ImageNet recipe: most rows near noise, where the
+    one-step jump starts; `--time-mean` lower moves rows toward the data, where the last jumps of NFE 2 and 4 start,
+    a trade between the two). Deviations: (1) the target is the conditional velocity x1 - x0, where the authors
+    divide (z_t - x) by the same clipped t' (the two agree for 1 - t >= clip; with x1 - x0 the minimiser is the
+    exact average velocity at every t); (2) no perceptual loss: the paper adds LPIPS and ConvNeXt losses on x_hat
+    for t' < 0.8, whose ImageNet-pretrained weights a from-scratch entry may not use, so x_hat is trained by the
+    velocity loss alone. Options as imf's.
     """
     name = "pmf"
     time_mean: float = option(0.8, "logit-normal mean of the times (paper convention)")
