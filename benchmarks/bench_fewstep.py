@@ -82,9 +82,8 @@ BUDGET_ARGS = {
     "imf": "--arch tiny --jvp-fd-step 3e-3 --mf-time-scale 30",
     # meanflow: the same preset and finite difference for the same reasons.
     "meanflow": "--arch tiny --jvp-fd-step 3e-3",
-    # pmf is imf with x-prediction: imf's preset, finite difference and time scale, for imf's reasons. Its paper's
-    # training times (logit-normal 0.8, 0.8) crowd near noise: good for one step, few samples where the later steps
-    # of NFE 2 and 4 start; 0.2 (between the paper's and imf's -0.4) keeps most of NFE 1 and gains NFE 2 and 4.
+    # pmf is imf with x-prediction: imf's preset, finite difference and time scale, for imf's reasons; its times
+    # between the paper's (0.8, favours one step: its docstring says why) and imf's (-0.4) keep NFE 1 and gain 2, 4.
     "pmf": "--arch tiny --jvp-fd-step 3e-3 --mf-time-scale 30 --time-mean 0.2 --time-std 1.0",
     # scm: the paper's settings except the tangent warm-up, 10,000 steps there, cut to a tenth of the ~1,000 steps
     # that fit here.
