@@ -14,7 +14,8 @@ model may register at most 100,000,000 parameters (frozen ones included). `fewst
     checkpoints/fewstep_models.json          each model's network arguments, method, options and NFE
 Before anything is written, the folder is loaded and sampled in a fresh process the way evaluate.py does: the
 parameter count as the course counts it, network rows per image (1, and the few-NFE model's NFE <= 4), the output
-shape and range, and that nothing outside the standard library, torch and the course's requirements is imported.
+shape and range, and that the shipped files import nothing outside the standard library, the course's
+requirements and what `import torch` alone loads in the same environment (a CUDA wheel loads more than a CPU one).
 Bad input (no checkout, a run without labels, a model over the cap, an NFE the method cannot do) is one line and
 status 2, nothing written. This module does not import trainer.py.
 """
@@ -124,6 +125,23 @@ def export_fastgen(runs, course, dest, force=False, log=print):
     return dest
 
 
+def torch_imports(folder):
+    """The top-level modules that `import torch` alone brings into a fresh process of this interpreter: what torch
+    pulls in where it is installed (a CUDA wheel's `cuda` bindings, Cython's `cython_runtime`, `opt_einsum` beside
+    jax), which the course's environment has as soon as it has torch, whatever the submission imports."""
+    r = subprocess.run([sys.executable, "-E", "-c", "import sys, torch; print(*sorted(sys.modules))"], cwd=folder,
+                       capture_output=True, text=True, check=True)
+    return {m.split(".")[0] for m in r.stdout.split()}
+
+
+def stray_imports(modules, baseline):
+    """The top-level modules of `modules` (those loaded while the submission was loaded and sampled) that neither
+    the standard library, nor `import torch` itself (baseline), nor the course's requirements (ALLOWED) account for:
+    what the shipped files import that the course's environment may not have."""
+    return sorted(m for m in set(modules) - set(baseline) - ALLOWED
+                  if m not in sys.stdlib_module_names and not m.startswith("_"))
+
+
 def check(folder, entries):
     """Load and sample the folder in a fresh process (aic313_model.py's check); a UsageError if anything is off."""
     result = pathlib.Path(folder) / "check.pt"
@@ -140,8 +158,7 @@ def check(folder, entries):
             raise UsageError(f"--export-fastgen: {mode} fails the course's rules in a fresh process: {params:,} "
                             f"parameters, {per_image:g} network evaluations per image (want {entry['nfe']}), "
                             f"samples of shape {tuple(x.shape)} in [{x.min():.3g}, {x.max():.3g}]")
-    stray = [m for m in got["modules"] if m not in ALLOWED and m not in sys.stdlib_module_names
-             and not m.startswith("_")]
+    stray = stray_imports(got["modules"], torch_imports(folder))
     if stray:
         raise UsageError(f"--export-fastgen: the submission imports {', '.join(stray)}, which the course's "
                         f"environment does not have")

@@ -44,7 +44,9 @@ import argparse
 import contextlib
 import hashlib
 import json
+import io
 import os
+import pickle
 import re
 import sys
 import zipfile
@@ -298,22 +300,69 @@ def _ts_to_ours(name):
     return f"{ours}.{_TS_BRANCHES[kind][rest]}"
 
 
-def _torchscript_bn_eps(script):
+_STORAGE_DTYPES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
+                   "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                   "BoolStorage": torch.bool}
+
+
+class _ScriptObject:
+    """A module of a TorchScript archive's data.pkl as plain attributes (its parameters, buffers and submodules)."""
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _read_torchscript(path):
+    """-> (state dict, the archive's code as text) of a TorchScript file, read as the zip it is: data.pkl unpickled
+    with every `__torch__` class as a _ScriptObject and each tensor taken from data/<key>, the code files as text.
+    No torch.jit (deprecated in recent torch); only the tensors and the code are needed, nothing is executed."""
+    archive = zipfile.ZipFile(path)
+    names = archive.namelist()
+    root = next(n for n in names if n.endswith("/data.pkl"))[: -len("/data.pkl")]
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if module.startswith("__torch__"):
+                return _ScriptObject
+            if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+                return lambda stored, offset, size, stride, *_: (
+                    torch.frombuffer(bytearray(archive.read(f"{root}/data/{stored[0]}")), dtype=stored[1])
+                    .as_strided(size, stride, offset).clone())
+            if module == "torch" and name in _STORAGE_DTYPES:
+                return _STORAGE_DTYPES[name]  # the dtype of the storage's bytes
+            if module == "torch.jit._pickle":  # build_intlist(list), restore_type_tag(value, tag), ...: the value
+                return lambda value, *_: value
+            if (module, name) == ("collections", "OrderedDict"):
+                return dict
+            raise pickle.UnpicklingError(f"{path}: unexpected {module}.{name} in a TorchScript archive")
+
+        def persistent_load(self, pid):  # ("storage", dtype, key, location, numel)
+            return pid[2], pid[1]
+
+    def flatten(obj, prefix=""):
+        for key, value in getattr(obj, "state", {}).items():
+            if isinstance(value, torch.Tensor):
+                yield prefix + key, value
+            elif isinstance(value, _ScriptObject):
+                yield from flatten(value, f"{prefix}{key}.")
+
+    state_dict = dict(flatten(Unpickler(io.BytesIO(archive.read(f"{root}/data.pkl"))).load()))
+    code = [archive.read(n).decode() for n in names if "/code/" in n and n.endswith(".py")]
+    return state_dict, code
+
+
+def _torchscript_bn_eps(code):
     """Read batch norm's eps from the TorchScript code (the value is a literal in each conv layer's forward)."""
     found = set()
-    for _, module in script.named_modules():
-        try:
-            code = module.code
-        except (RuntimeError, AttributeError):
-            continue
+    for text in code:
         # The code reads `_0 = __torch__.torch.nn.functional.batch_norm` ... `_0(x0, mean, var, None, beta, False,
         # 0.1, 0.001, )`. F.batch_norm(input, mean, var, weight, bias, training, momentum, eps) and aten's
         # torch.batch_norm(input, weight, bias, mean, var, training, momentum, eps, cudnn) both put eps 8th.
-        names = ["batch_norm"] + re.findall(r"(\w+) = [\w.]*\bbatch_norm\b", code)
+        names = ["batch_norm"] + re.findall(r"(\w+) = [\w.]*\bbatch_norm\b", text)
         for name in names:
-            for args in re.findall(rf"\b{name}\(([^()]*)\)", code):
+            for args in re.findall(rf"(?<!def )\b{name}\(([^()]*)\)", text):  # calls, not the archive's def
                 parts = [p.strip() for p in args.split(",") if p.strip()]
-                if len(parts) >= 8:
+                if len(parts) >= 8 and re.fullmatch(r"[\d.e+-]+", parts[7]):  # a literal, not functional.py's `eps`
                     found.add(float(parts[7]))
     if len(found) != 1:
         raise rundir.UsageError(f"expected one batch-norm eps in the TorchScript code, found {sorted(found) or 'none'}")
@@ -329,8 +378,7 @@ def _read_weights(path):
     convs = {}
     if zipfile.is_zipfile(path) and any("/code/" in n for n in zipfile.ZipFile(path).namelist()):
         # TorchScript (StyleGAN2-ADA / clean-fid inception-2015-12-05.pt, or a module wrapping it).
-        script = torch.jit.load(str(path), map_location="cpu")
-        sd = script.state_dict()
+        sd, code = _read_torchscript(path)
         anchors = [k for k in sd if k.endswith("layers.conv.weight")]
         if len(anchors) != 1:
             raise rundir.UsageError(f"{path} is TorchScript but not the 2015-12-05 Inception (no unique layers.conv)")
@@ -340,7 +388,7 @@ def _read_weights(path):
                 ts = key[len(prefix): -len(".weight")]
                 get = lambda n: sd.get(f"{prefix}{ts}.{n}")  # noqa: E731
                 convs[_ts_to_ours(ts)] = (value, get("gamma"), get("beta"), get("mean"), get("var"))
-        return convs, _torchscript_bn_eps(script), "torchscript"
+        return convs, _torchscript_bn_eps(code), "torchscript"
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle / zip errors of many kinds: the file is simply not a torch file

@@ -133,3 +133,30 @@ def test_export_refuses_bad_input_in_one_line_and_writes_nothing(course, labelle
     assert_refused(["--export-fastgen", str(dest), "--fastgen-course", str(course), "--out", str(unlabelled)],
                    "without class labels", capsys)
     assert not dest.exists()
+
+
+def test_import_check_judges_the_submission_not_what_torch_pulls_in(tmp_path):
+    # A CUDA wheel of torch imports `cuda` and `cython_runtime`, beside jax it imports `opt_einsum`: simulated
+    # here as a baseline that holds them. They are the environment's, not the submission's, and must pass; a
+    # module that only the shipped files import must not.
+    loaded = ["torch", "numpy", "json", "cuda", "cython_runtime", "opt_einsum", "fewstep", "_abc", "pandas"]
+    assert aic313.stray_imports(loaded, {"torch", "numpy", "cuda", "cython_runtime", "opt_einsum"}) == ["pandas"]
+    assert aic313.stray_imports(loaded, {"torch"}) == ["cuda", "cython_runtime", "opt_einsum", "pandas"]
+    # the real baseline of this interpreter: what `import torch` loads, whatever the wheel
+    here = aic313.torch_imports(tmp_path)
+    assert {"torch"} <= here and not {"fewstep", "unet", "matplotlib"} & here
+    assert aic313.stray_imports(here, here) == []
+
+
+def test_export_refuses_a_submission_that_imports_what_the_course_lacks(course, labelled_run, tmp_path, capsys):
+    # the same stand-in, but its src/utils.py imports matplotlib (installed here, not imported by torch and not
+    # among the course's requirements): the fresh-process check must name it and write nothing
+    other = tmp_path / "course"
+    (other / "src").mkdir(parents=True)
+    (other / "src" / "__init__.py").write_text("")
+    (other / "src" / "utils.py").write_text("import matplotlib\n" + STANDIN_UTILS)
+    (other / "model.py").write_text(STANDIN_MODEL)
+    dest = tmp_path / "team"
+    assert_refused(["--export-fastgen", str(dest), "--fastgen-course", str(other), "--out", str(labelled_run)],
+                   "matplotlib", capsys)
+    assert not dest.exists()

@@ -11,6 +11,7 @@
 """
 
 import importlib.util
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,7 @@ def generated_images(n, size=64, seed=0):
 
 def reference_features(images, mode):
     """Features from the reference TorchScript, preprocessing written out here with PIL / torch directly."""
-    net = torch.jit.load(str(REF_WEIGHTS), map_location="cpu").eval()
+    net = jit_load(REF_WEIGHTS).eval()
     if mode == "clean":  # clean-fid 0.1.35: per-channel float32 PIL bicubic to 299, clip to [0, 255], (x - 128) / 128
         rgb = [np.repeat(im, 3, 0) if im.shape[0] == 1 else im for im in images]
         x = np.stack([[np.asarray(Image.fromarray(c.astype(np.float32), mode="F").resize((299, 299),
@@ -77,16 +78,33 @@ def test_features_match_reference_torchscript(mode):
         assert np.abs(ours - ref).max() <= 1e-4
 
 
+def jit_load(path):  # torch's own TorchScript loader, the reference for fid's (deprecated in recent torch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path), map_location="cpu")
+
+
 @needs_weights
 def test_bn_eps_read_from_torchscript_code():
-    assert fid._torchscript_bn_eps(torch.jit.load(str(REF_WEIGHTS))) == 0.001  # TF-slim Inception's BN eps
+    assert fid._torchscript_bn_eps(fid._read_torchscript(REF_WEIGHTS)[1]) == 0.001  # TF-slim Inception's BN eps
+
+
+@needs_weights
+def test_torchscript_read_without_torch_jit_matches_torch_jit_load():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fid's reader itself must not touch a deprecated API
+        ours, _ = fid._read_torchscript(REF_WEIGHTS)
+    ref = jit_load(REF_WEIGHTS).state_dict()
+    assert list(ours) == list(ref) and len(ref) > 300
+    for key, value in ref.items():
+        assert ours[key].dtype == value.dtype and torch.equal(ours[key], value), key
 
 
 @needs_weights
 def test_pytorch_fid_state_dict_format(tmp_path):
     # Build pt_inception-style keys (Conv2d_1a_3x3.conv.weight, .bn.running_mean, ...) by pairing the TorchScript
     # conv layers with our conv layers in definition order; both files list them in the graph's order.
-    ts = torch.jit.load(str(REF_WEIGHTS)).state_dict()
+    ts = jit_load(REF_WEIGHTS).state_dict()
     ts_convs = [k[: -len(".weight")] for k, v in ts.items() if k.endswith(".weight") and v.dim() == 4]
     ours = [n for n, m in fid.InceptionV3FID().named_modules() if isinstance(m, fid.BasicConv2d)]
     assert len(ts_convs) == len(ours) == 94
