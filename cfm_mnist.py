@@ -364,12 +364,12 @@ def sample_main(args):
 
 # %% CLI ---------------------------------------------------------------------------------------------------------
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = rundir.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", default="runs/cfm-mnist", help="run directory (config, ckpt.pt, metrics, PNGs)")
     common.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--seed", type=rundir.seed_arg, default=0)
 
     t = sub.add_parser("train", parents=[common], help="train (or resume) a velocity net with the CFM loss")
     t.add_argument("--data", default="mnist", type=data.data_spec,

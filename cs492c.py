@@ -123,11 +123,12 @@ def export_submission(out, state, method, dest, force, log=print):
     for n in CHALLENGE_NFES:
         try:
             method.check_nfe(n)
-        except ValueError:
-            bad.append(n)
-    if bad:
-        raise UsageError(f"--export-submission: {cfg['method']} with {cfg['method_args']} cannot sample at NFE "
-                        f"{', '.join(map(str, bad))}, which the official sampling.py asks for (NFE 1, 2, 4)")
+        except ValueError as e:
+            bad.append((n, e))
+    if bad:  # the method's own reason names the option to change (not the run's whole option dict)
+        raise UsageError(f"--export-submission: the {cfg['method']} run cannot sample at NFE "
+                         f"{', '.join(str(n) for n, _ in bad)}, which the official sampling.py asks for (NFE 1, 2, 4): "
+                         f"{bad[0][1]}")
     if method.state_for_sampling:  # pd's per-round students, ld3's grids (ctm's state is for training only)
         raise UsageError(f"--export-submission: {cfg['method']} samples with state of its own (a network per NFE or "
                         f"learned time grids, ckpt.pt's method_state), which a submission of one network and its "

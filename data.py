@@ -677,7 +677,7 @@ def save_grid(images, path, nrow=None, padding=2, scale=None):
 # ----------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Download and cache a dataset, print its shape, write a preview.")
+    parser = rundir.ArgumentParser(description="Download and cache a dataset, print its shape, write a preview.")
     parser.add_argument("data", type=data_spec, help="mnist | mnist5k | simpsons | pokemon[:PATH] | folder:PATH")
     parser.add_argument("--split", default="train")
     parser.add_argument("--root", default=None, help="cache dir (default $DIFFUSION_DATA or ./data)")
@@ -688,6 +688,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     name = args.data.split(":")[0]  # folder:PATH, pokemon:PATH -> folder, pokemon
     out = Path(args.out or data_root(args.root) / f"preview_{name}_{args.split}.png")
+    if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:  # PIL picks the format by it
+        parser.error(f"--out {args.out}: the preview's name must end in the extension of an image format PIL writes, "
+                     f"e.g. .png")
     rundir.make_out_dir(out.parent, "--out")  # before the download, not after it
     x = load(args.data, args.split, args.root, args.image_size, args.channels)
     xf = x.float()

@@ -135,8 +135,8 @@ def save_comparison(columns, path, title):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = rundir.ArgumentParser(description=__doc__.split("\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--ckpt", required=True, help="ddpm.py ckpt.pt or a raw ADM state dict (then --arch)")
     p.add_argument("--arch", default=None, choices=sorted(unet.PRESETS),
                    help="unet preset of a raw ADM checkpoint, e.g. adm-ffhq256")
@@ -154,7 +154,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=rundir.positive_int, default=500, help="FID sampling batch")
     p.add_argument("--compile", action="store_true", help="torch.compile the net (worth it for long FID runs)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=rundir.seed_arg, default=0)
     p.add_argument("--out", default=None, help="output dir (default: the checkpoint's dir)")
     fid.add_arguments(p).title = "FID (of samples at --steps, --eta)"
     args = p.parse_args(argv)
@@ -169,24 +169,28 @@ def main(argv=None):
 
     device = rundir.get_device(args.device)
     net, info = unet.load_model(args.ckpt, args.arch, args.adm_config, device)
-    out = rundir.make_out_dir(args.out or pathlib.Path(args.ckpt).parent)
-    if args.fid:  # weights and reference first: a mistake there ends the command before minutes of sampling
-        ref = fid.reference_for(args.fid_ref, info.get("data"), out, args.fid_ref_n,
-                                image_size=info.get("image_size"))
-    if args.compile:  # a one-off compile per batch shape, repaid by long sampling runs (FID)
-        net = torch.compile(net)
     T = info["diffusion"]["T"]
-    abar = make_alphas_cumprod(T, info["diffusion"]["schedule"])
-    x_T = get_noise_x_t(args.num_instances, info["shape"], seed=args.seed, device=device)
-
     if args.sweep == "steps":
         settings = [(s, args.eta) for s in steps_list]
     elif args.sweep == "eta":
         settings = [(100, e) for e in eta_list]
     else:
         settings = [(args.steps, args.eta)]
-    for steps, _ in settings + [(args.steps, args.eta)]:
-        ddim_timesteps(T, steps)  # a step count the schedule cannot hold fails now, not after the first grids
+    named = {"steps": f"--steps-list {args.steps_list}", "eta": "--sweep eta (100 steps)"}.get(args.sweep, "")
+    for steps, flag in [(s, named) for s, _ in settings] + [(args.steps, "")]:
+        try:  # a step count the schedule cannot hold fails now, before anything is written
+            ddim_timesteps(T, steps)
+        except rundir.UsageError as e:
+            raise rundir.UsageError(f"{flag}: {e}" if flag else str(e)) from None
+    out = rundir.make_out_dir(args.out or pathlib.Path(args.ckpt).parent)
+    if args.fid:  # weights and reference first: a mistake there ends the command before minutes of sampling
+        ref = fid.reference_for(args.fid_ref, info.get("data"), out, args.fid_ref_n,
+                                image_size=info.get("image_size"))
+    if args.compile:  # a one-off compile per batch shape, repaid by long sampling runs (FID)
+        net = torch.compile(net)
+    abar = make_alphas_cumprod(T, info["diffusion"]["schedule"])
+    x_T = get_noise_x_t(args.num_instances, info["shape"], seed=args.seed, device=device)
+
     columns = {}
     for steps, eta in settings if args.num_instances else []:
         t0 = time.time()

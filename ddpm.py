@@ -293,7 +293,12 @@ def save_trajectory(traj, path, title=""):
 def train(args):
     device = rundir.get_device(args.device)
     Diffusion(make_betas(args.T, args.schedule)).respace(args.sample_respace)  # fails now, not at the first grid
+    rundir.check_out_dir(args.out)  # before the data: nothing is created until the data has loaded
+    halvings = len(unet.PRESETS[args.arch]["channel_mult"]) - 1
+    if args.image_size:
+        rundir.check_image_size(args.image_size, halvings, f"preset {args.arch}")
     images = data.load(args.data, split="train", image_size=args.image_size)      # uint8 (N, C, H, W)
+    rundir.check_image_size(images.shape[2], halvings, f"preset {args.arch}", typed=bool(args.image_size))
     out = rundir.make_out_dir(args.out)  # after the data: a dataset that fails to load leaves no empty run dir
     config = {"method": "ddpm", "data": args.data, "image_size": args.image_size, "arch": args.arch,
               "unet": unet.preset_kwargs(args.arch, learn_sigma=False, image_size=images.shape[2],
@@ -328,7 +333,8 @@ def train(args):
         rundir.save_checkpoint(ckpt_path, {"model": net.state_dict(), "ema": ema.state_dict(),
                                            "optimizer": opt.state_dict(), "step": step, "rng": rundir.rng_state(),
                                            "config": config})
-        rundir.plot_metrics(out)
+        if (out / "metrics.jsonl").exists():  # not before the first logged step (--minutes ended the run first)
+            rundir.plot_metrics(out)
 
     def sample_grid():  # 10 EMA samples from fixed noise, on a short respaced schedule to keep it cheap
         x_T = get_noise_x_t(10, images.shape[1:], seed=args.seed, device=device)
@@ -428,10 +434,10 @@ def sample(args):
 
 # %% CLI ---------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = rundir.ArgumentParser(description=__doc__.split("\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=rundir.seed_arg, default=0)
     p.add_argument("--out", default=None, help="run dir (train) / output dir (sample; default: the ckpt's dir)")
     g = p.add_argument_group("training (when no --ckpt is given)")
     g.add_argument("--data", default="mnist5k", type=data.data_spec, help="mnist | mnist5k | simpsons | folder:PATH")
@@ -465,7 +471,11 @@ def parse_args(argv=None):
                    help="grid size (0: no grid, no trajectory)")
     s.add_argument("--compile", action="store_true", help="torch.compile the net (worth it for long FID runs)")
     fid.add_arguments(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.schedule == "linear" and args.T <= 20:  # make_betas scales 0.02 by 1000 / T: a beta >= 1 turns x_t to NaN
+        p.error(f"--T {args.T}: the linear schedule's last beta, 0.02 * 1000 / T, is {20 / args.T:g} >= 1; "
+                f"use --T 21 or more, or --schedule cosine")
+    return args
 
 
 def main(argv=None):

@@ -109,7 +109,10 @@ class RectifiedFlow(Method):
         $$ x_{k+1} = x_k + \tfrac{1}{n} v_\theta(x_k, k/n), \quad k = 0, \dots, n - 1 \qquad \text{(Euler, NFE } n) $$
     The minimiser $v(x, t) = E[x_1 - x_0 | x_t = x]$ carries N(0, I) to the data, on paths that curve where lines of
     different (x0, x1) cross: one Euler step lands on a blurry average. The other methods fix that.
-    """
+    The authors' code (gnobitab/RectifiedFlow) against this class, one line each:
+    - times: theirs t in [eps, 1], eps = 1e-3, in the loss and Euler times eps + k (1 - eps) / n (step 1/n); here
+      [0, 1] and k / n, as Eq. 1: the velocity is finite at t = 0 (the eps comes from their score-SDE base code).
+    - their CIFAR-10 configs sample with scipy's RK45 (rtol = atol = 1e-5); here Euler at exactly NFE calls."""
     name = "rf"
     sampling_options = ("guidance",)  # applied at sampling: a re-scored run may change it
     time_dist: str = option("uniform", "time distribution (logit-normal: Esser et al. 2024)", choices=TIME_DISTS)
@@ -118,7 +121,7 @@ class RectifiedFlow(Method):
     guidance: float = option(1.0, SAMPLING_GUIDANCE, flag="--guidance")
 
     def __post_init__(self):
-        require(self.time_dist in TIME_DISTS, f"unknown time distribution {self.time_dist!r}; use one of {TIME_DISTS}")
+        require(self.time_dist in TIME_DISTS, f"unknown time distribution; use one of {TIME_DISTS}", self, "time_dist")
 
     def check_nfe(self, nfe):
         super().check_nfe(nfe)
@@ -127,9 +130,7 @@ class RectifiedFlow(Method):
                                  f"the labelled and the null branch (2 NFE), so it can do even NFEs, not {nfe}; "
                                  f"--guidance 1 samples without guidance")
 
-    def velocity(self, net, x, t):
-        r"""$v_\theta(x, t)$ for t: (B,) in [0, 1]."""
-        return net(x, TIME_SCALE * t)
+    def velocity(self, net, x, t): return net(x, TIME_SCALE * t)  # v_theta(x, t) for t: (B,) in [0, 1]
 
     def loss(self, net, x1, x0=None, ema=None, y=None):
         """x1: (B, C, H, W) data in [-1, 1]; x0: its noise partner (default: fresh N(0, I), independent of x1);
@@ -153,14 +154,16 @@ def sample_time(n, device, dist="uniform", logit_mean=0.0, logit_std=1.0):  # lo
     return torch.rand(n, device=device)
 
 
-def require(ok, why):  # an option check: a ValueError that the runner prints in one line
-    if not ok:
-        raise ValueError(why)
+def require(ok, why, method=None, *fields):  # an option check on method's fields: `ratio=1.5: why`; the runner
+    if not ok:  # prints e.values by their flags and the values typed (`--ratio 1.5: why`), e.why in the words of --help
+        values = {f: getattr(method, f) for f in fields}
+        e = ValueError(", ".join(f"{k}={v!r}" for k, v in values.items()) + ": " * bool(values) + why)
+        e.why, e.values = why, values
+        raise e
 
 
 def euler(net, x, nfe, t0=0.0):
-    r"""nfe Euler steps of dx/dt = net(x, TIME_SCALE t) from t0 to 1: $x_{k+1} = x_k + h\, v(x_k, t_k)$.
-    nfe calls."""
+    r"""nfe Euler steps (nfe calls) of dx/dt = net(x, TIME_SCALE t) from t0 to 1: $x_{k+1} = x_k + h\, v(x_k, t_k)$."""
     for k in range(nfe):
         t = torch.full((x.shape[0],), t0 + (1 - t0) * k / nfe, device=x.device)  # k / n, not a running sum
         x = x + (1 - t0) / nfe * net(x, TIME_SCALE * t)
@@ -189,8 +192,7 @@ class Conditioned:
     def repeat(self, k):
         return self if self.y is None else self.like(self.y.repeat(k), None if self.w is None else self.w.repeat(k))
 
-    def null(self):
-        return self if self.y is None else self.like(torch.full_like(self.y, self.null_label), self.w)
+    def null(self): return self if self.y is None else self.like(torch.full_like(self.y, self.null_label), self.w)
 
     def with_null(self):  # for the rows stacked twice: labels [y, null], guidance input [w, none] (one call, 2 NFE)
         w = None if self.w is None else torch.cat([self.w, torch.zeros_like(self.w)])
@@ -248,8 +250,9 @@ class Reflow(RectifiedFlow):
         $$ (x_0, x_1) := (x_0, \mathrm{ODE}_\text{teacher}(x_0)), \quad \text{then rf's loss on these pairs} $$
     The teacher's flow does not cross itself, so the new lines cross less. distill=True trains only at $t = 0$,
     $L = \| x_0 + v_\theta(x_0, 0) - x_1 \|^2$, the one-step map; the paper's distillation adds LPIPS (weights not
-    offline).
-    """
+    offline). The authors' code (gnobitab/RectifiedFlow) against this class, one line each:
+    - pairs: theirs by rf's RK45 from t = 1e-3 (online: 20 Euler steps); here teacher_steps Euler steps from 0, batched.
+    - distillation: theirs at t = eps = 1e-3 (reflow_t_schedule t0); here t = 0, the map from the noise itself."""
     name = "reflow"
     sampling_options = ()  # its guidance is in the teacher's pairs
     teacher_methods, needs_teacher, init_from_teacher = ("rf", "reflow"), True, True  # Liu et al. start from it
@@ -262,8 +265,8 @@ class Reflow(RectifiedFlow):
 
     def __post_init__(self):
         super().__post_init__()
-        require(isinstance(self.teacher_steps, int) and self.teacher_steps >= 1,
-                f"teacher_steps must be an integer >= 1, got {self.teacher_steps!r}")
+        require(isinstance(self.teacher_steps, int) and self.teacher_steps >= 1, "must be an integer >= 1", self,
+                "teacher_steps")
 
     def check_nfe(self, nfe):
         super().check_nfe(nfe)
@@ -271,8 +274,7 @@ class Reflow(RectifiedFlow):
             raise UnsupportedNFE(f"reflow with distill=True is trained for one step only: it can sample at NFE 1, "
                                  f"not {nfe}; drop --distill for NFE {nfe}")
 
-    def guided(self):  # the guidance is in the pairs: the student's own steps are single calls
-        return False
+    def guided(self): return False  # the guidance is in the pairs: the student's own steps are single calls
 
     def make_pairs(self, teacher, noise, y=None):
         """x1 = the teacher's many-step Euler solution from noise x0 (teacher: a net(x, t) velocity), guided with
@@ -293,39 +295,46 @@ class Reflow(RectifiedFlow):
 @dataclasses.dataclass(eq=False)
 class Shortcut(Method):
     r"""Shortcut model: one network s(x_t, t, d) predicts the step of size d of an ideal ODE solver, trained with flow
-    matching at d = 0 and with self-consistency: one step of size 2d must equal two steps of size d taken by the
-    EMA network (stop-gradient). NFE n uses d = 1/n: NFE 1, 2 and 4 are one model at three step sizes.
+    matching at d = 0 and with self-consistency: one step of size 2d must equal two steps of size d taken by the EMA
+    network (stop-gradient). NFE n uses d = 1/n: NFE 1, 2 and 4 are one model at three step sizes.
 
     Paper: Frans, Hafner, Levine, Abbeel. One Step Diffusion via Shortcut Models. ICLR 2025, arXiv:2410.12557.
 
         $$ x_{t+d} = x_t + d\, s(x_t, t, d), \qquad s(x, t, 0) = v(x, t) $$
         $$ L = E \| s_\theta(x_t, t, 0) - (x_1 - x_0) \|^2
-             + E \| s_\theta(x_t, t, 2d) - \mathrm{sg}[(s(x_t, t, d) + s(x'_{t+d}, t + d, d)) / 2] \|^2 $$
+           + E \| s_\theta(x_t, t, 2d) - \mathrm{sg}[(s(x_t, t, d) + s(x'_{t+d}, t + d, d)) / 2] \|^2 $$
     The first term is flow matching, the second self-consistency (Frans Eq. 5), with the EMA network's half step
     $x'_{t+d} = x_t + d\, s(x_t, t, d)$. Sampling at NFE n (a power of two up to M) takes $d = 1/n$:
         $$ x_{k+1} = x_k + d\, s_\theta(x_k, k d, d), \quad k = 0, \dots, n - 1 $$
-    Batch (Sec. 3.2, the authors' code): 1/bootstrap_every of it gets self-consistency targets, in one forward with
-    the flow-matching rows; 2d in {1, 1/2, ..., 2/M}, equally many of each, t in {0, 2d, ..., 1 - 2d} (targets stay
-    in [0, 1]). fm_d: "zero" (the paper: flow matching at d = 0, which also stands for 1/M) or "min" (their code).
-    """
+    Batch (Sec. 3.2, the authors' code): 1/bootstrap_every of it gets self-consistency targets, in one forward with the
+    flow-matching rows; 2d and t as their targets_shortcut.py (bootstrap_rows: t on 2d's grid keeps the targets inside
+    the unit interval). fm_d: "zero" (the paper: flow matching at d = 0, which also stands for 1/M) or "min" (their
+    code). The authors' code (kvfrans/shortcut-models) against this class, one line each:
+    - bootstrap share: the paper's 1/4 here; their train.py defaults to bootstrap_every 8 (1/8), their README too.
+    - sigma_min: theirs 1e-5, x_t = (1 - (1 - 1e-5) t) x0 + t x1; here 0, rf's path (theirs: data x1 + 1e-5 x0).
+    - flow-matching t: theirs on the grid i/M; here continuous (time_dist), as the paper writes flow matching.
+    - labels: theirs drop on flow-matching rows (so null learns d = 1/M only); here on all rows, for guided d > 1/M.
+    - their flow-matching rows reuse the bootstrap rows' images (their issue #10); here each image once.
+    - their ImageNet commands add bootstrap_cfg (guided targets at 2d = 2/M, w 1.5); here guidance acts at sampling.
+    - they sample with the online weights (use_ema 0); here with the EMA, as every method of this file."""
     name = "shortcut"
     uses_cond, second_scalar, sampling_options = True, "step size d", ("guidance",)
     max_steps: int = option(128, "M, the finest step 1/M (a power of two; NFE 1, 2, 4, ..., M)")
-    bootstrap_every: int = option(4, "1/k of the batch gets self-consistency targets")
+    bootstrap_every: int = option(4, "1/k of the batch gets self-consistency targets (4: the paper's; their code: 8)")
     fm_d: str = option("zero", "d of the flow-matching rows: zero (the paper) or min = 1/M (the authors' code)",
                        choices=("zero", "min"))
-    bootstrap_ema: bool = option(True, "bootstrap targets from the online net instead of the EMA",
-                                 flag="--no-bootstrap-ema")
+    bootstrap_ema: bool = option(True, "bootstrap targets from the online net, not the EMA", flag="--no-bootstrap-ema")
     time_dist: str = option("uniform", "time distribution (logit-normal: Esser et al. 2024)", choices=TIME_DISTS)
     guidance: float = option(1.0, SAMPLING_GUIDANCE, flag="--guidance")
+    clip = 4.0  # the authors' bound on the EMA half step x'_{t+d} and the target (data in [-1, 1]), kept
 
     def __post_init__(self):
         m, k = self.max_steps, self.bootstrap_every
-        require(isinstance(m, int) and m >= 2 and not m & (m - 1), f"max_steps must be a power of two >= 2 (the "
-                                                                    f"paper uses 128), got {m!r}")
-        require(isinstance(k, int) and k >= 2, f"bootstrap_every must be an integer >= 2 (the paper: 4), got {k!r}")
+        require(isinstance(m, int) and m >= 2 and not m & (m - 1), "must be a power of two >= 2 (the paper uses 128)",
+                self, "max_steps")
+        require(isinstance(k, int) and k >= 2, "must be an integer >= 2 (the paper: 4)", self, "bootstrap_every")
         require(self.fm_d in ("zero", "min") and self.time_dist in TIME_DISTS,
-                f"fm_d must be zero or min and time_dist one of {TIME_DISTS}")
+                f"fm_d must be zero or min and time_dist one of {TIME_DISTS}", self, "fm_d", "time_dist")
 
     def check_nfe(self, nfe):
         per_step = 2 if self.guided() else 1  # a guided step runs the labelled and the null branch
@@ -343,26 +352,32 @@ class Shortcut(Method):
 
     def loss(self, net, x1, x0=None, ema=None, y=None):
         y = drop_labels(y, self.label_dropout, self.num_classes)
-        net = Conditioned(net, y, self.num_classes)
-        ema = None if ema is None else Conditioned(ema, y, self.num_classes)
+        net, ema = Conditioned(net, y, self.num_classes), None if ema is None else Conditioned(ema, y, self.num_classes)
         b, dev = x1.shape[0], x1.device
         nb = b // self.bootstrap_every  # self-consistency share of the batch
         x0 = torch.randn_like(x1) if x0 is None else x0
-        k = torch.arange(nb, device=dev) % int(math.log2(self.max_steps))  # 2d = 2^-k in turn: equal counts
-        two_d = 2.0 ** (-k.float())
+        two_d, t_sc = self.bootstrap_rows(nb, dev)
         d = two_d / 2
-        t_sc = torch.floor(torch.rand(nb, device=dev) / two_d) * two_d  # t in {0, 2d, ..., 1 - 2d}
         x_sc = interpolate(x0[:nb], x1[:nb], t_sc)
         with torch.no_grad():
             teacher = (ema if (self.bootstrap_ema and ema is not None) else net).rows(slice(0, nb))
             s1 = self.step(teacher, x_sc, t_sc, d)
-            x_mid = x_sc + expand_t(d, x_sc) * s1  # x'_{t+d} = x_t + d s(x_t, t, d)
-            target_sc = (s1 + self.step(teacher, x_mid, t_sc + d, d)) / 2  # Frans Eq. 5
+            x_mid = (x_sc + expand_t(d, x_sc) * s1).clamp(-self.clip, self.clip)  # x'_{t+d} = x_t + d s(x_t, t, d)
+            target_sc = ((s1 + self.step(teacher, x_mid, t_sc + d, d)) / 2).clamp(-self.clip, self.clip)  # Eq. 5
         t_fm = sample_time(b - nb, dev, self.time_dist)  # flow matching on the rest, at d = 0
         x_fm = interpolate(x0[nb:], x1[nb:], t_fm)
         pred = self.step(net, torch.cat([x_sc, x_fm]), torch.cat([t_sc, t_fm]),
                          torch.cat([two_d, torch.zeros(b - nb, device=dev)]))
         return F.mse_loss(pred, torch.cat([target_sc.to(pred.dtype), x1[nb:] - x0[nb:]]))
+
+    def bootstrap_rows(self, nb, device):
+        """2d and t of the nb self-consistency rows, the authors' split: nb // log2 M rows at each 2d = 2/M, ..., 1/2, 1
+        (finest first), the rest (all, if fewer than levels) at 2d = 1; t uniform on 2d's grid {0, 2d, ..., 1 - 2d}."""
+        levels = int(math.log2(self.max_steps))
+        k = torch.arange(levels - 1, -1, -1, device=device).repeat_interleave(nb // levels)  # 2d = 2^-k
+        k = torch.cat([k, torch.zeros(nb - len(k), dtype=k.dtype, device=device)])
+        two_d = 2.0 ** (-k.float())
+        return two_d, torch.floor(torch.rand(nb, device=device) / two_d) * two_d
 
     def sample(self, net, noise, nfe, y=None):
         self.check_nfe(nfe)
@@ -380,25 +395,24 @@ def grid_times(nfe, given=None):
     return (0.0, *((given or {}).get(nfe) or (k / nfe for k in range(1, nfe))), 1.0)
 
 
-def parse_times(times, name, lo=0.0, hi=1.0):
-    """{NFE: (t_1 < ... < t_(NFE-1))} from {NFE: [t, ...]} (keys int or str, as JSON gives them back), each grid
-    checked: one time fewer than its NFE, strictly increasing, inside (lo, hi)."""
+def parse_times(method, field, lo=0.0, hi=1.0):
+    """{NFE: (t_1 < ... < t_(NFE-1))} from method.<field> {NFE: [t, ...]} (keys int or str, as JSON gives them back),
+    each grid checked: one time fewer than its NFE, strictly increasing, inside (lo, hi)."""
     out = {}
-    for key, ts in dict(times or {}).items():
+    for key, ts in dict(getattr(method, field) or {}).items():
         nfe, ts = int(key), tuple(float(t) for t in ts)
-        if nfe < 2 or len(ts) != nfe - 1:
-            raise ValueError(f"{name}: NFE {nfe} re-enters the path at {nfe - 1} intermediate times, got {len(ts)}")
-        if any(b <= a for a, b in zip(ts, ts[1:])) or not all(lo < t < hi for t in ts):
-            raise ValueError(f"{name}: the times of NFE {nfe} must increase strictly inside ({lo:.4g}, {hi:.4g}) "
-                             f"(t = 0 noise, t = 1 data), got {','.join(map(str, ts))}")
+        require(nfe >= 2 and len(ts) == nfe - 1, f"NFE {nfe} re-enters the path at {nfe - 1} intermediate times, got "
+                                                 f"{len(ts)}", method, field)
+        require(all(a < b for a, b in zip(ts, ts[1:])) and all(lo < t < hi for t in ts),
+                f"the times of NFE {nfe} must increase strictly inside ({lo:.4g}, {hi:.4g}) (t = 0 noise, t = 1 data), "
+                f"got {','.join(map(str, ts))}", method, field)
         out[nfe] = ts
     return out
 
 
 # %% meanflow / imf: average-velocity models -----------------------------------------------------------------------
 def jvp(fn, primals, tangents):
-    """torch.func.jvp with attention held to its math backend (matmul + softmax have forward-mode rules; fused
-    kernels may not)."""
+    """torch.func.jvp, attention on the math backend (matmul + softmax have forward-mode rules; fused ones may not)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     with sdpa_kernel(SDPBackend.MATH):
         return torch.func.jvp(fn, primals, tangents)
@@ -406,10 +420,9 @@ def jvp(fn, primals, tangents):
 
 @dataclasses.dataclass(eq=False)
 class MeanFlow(Method):
-    r"""MeanFlow: the network predicts the average velocity u(x_t, t, s) over [t, s], so that x_s = x_t + (s - t) u.
-    It is trained on the MeanFlow identity u = v + (s - t) du/dt, whose total derivative du/dt is a
-    Jacobian-vector product of the network, with the regression target stopped from the gradient; one step from
-    noise is x1 = x0 + u(x0, 0, 1).
+    r"""MeanFlow: the network predicts the average velocity u(x_t, t, s) over [t, s], so that x_s = x_t + (s - t) u. It
+    is trained on the MeanFlow identity u = v + (s - t) du/dt, whose total derivative du/dt is a Jacobian-vector product
+    of the network, with the regression target stopped from the gradient; one step from noise is x1 = x0 + u(x0, 0, 1).
 
     Paper: Geng, Deng, Bai, Kolter, He. Mean Flows for One-step Generative Modeling. NeurIPS 2025, arXiv:2505.13447.
 
@@ -423,33 +436,33 @@ class MeanFlow(Method):
         $$ x_{k+1} = x_k + (t_{k+1} - t_k)\, u(x_k, t_k, t_{k+1}), \quad 0 = t_0 < \dots < t_n = 1
            \qquad \text{(Alg. 2)} $$
     Convention: the paper's $z_{t'} = (1 - t') x + t' \epsilon$ runs backwards: $t' = 1 - t$, $r' = 1 - s$, $v' = -v$,
-    $u' = -u$, and its $u = v - (t' - r')\, du/dt$ is the same equation. du/dt is the JVP along the tangent
-    $(\dot x, \dot t, \dot s) = (v, 1, 0)$.
-    Times: t', r' ~ logit-normal(time_mean, time_std) in the paper's convention, sorted t' >= r', and r' := t' on a
-    share 1 - ratio of the batch (plain flow matching); defaults: the paper's CIFAR-10 U-Net recipe. Second scalar:
-    the span s - t (Table 1c), 0 at s = t, where unet.py's zero-initialised cond embedding gives a plain flow net.
-    The network sees time_scale t and time_scale (s - t), time_scale = 1 (the authors' code): an embedding of 1000 t
-    turns 1000 times faster, and its derivative in the JVP makes the target unstable.
-    This project's options: `times` (any sampling grid: the identity holds for every (t, s)); grid_share (a share
-    of the s != t rows takes (t, s) = (k/n, (k+1)/n) from the grids of grid_nfes, where the logit-normal puts little
-    mass); fd_step = $h > 0$: du/dt by a central difference, one no-grad forward of 2n rows (du/dt enters the loss
-    stopped), error $O(h^2) + O(\epsilon / h)$, $\epsilon$ the float32 rounding; without forward-mode AD,
-    torch.compile applies. Class-conditional runs (Sec. 4.2, guidance trained in): v is replaced, in the target and
-    the tangent, on rows that kept their label, by
+    $u' = -u$; its $u = v - (t' - r')\, du/dt$ is the same equation. du/dt: the JVP along the tangent
+    $(\dot x, \dot t, \dot s) = (v, 1, 0)$. Times: t', r' ~ logit-normal(time_mean, time_std) in the paper's convention,
+    sorted t' >= r', and r' := t' on a share 1 - ratio of the batch (plain flow matching; each row with probability
+    1 - ratio as py-meanflow; the JAX codes of MeanFlow, iMF, pMF take a fixed count, the same in expectation);
+    defaults: the paper's CIFAR-10 U-Net recipe. Second scalar: the span s - t (Table 1c), 0 at s = t, where unet.py's
+    zero-initialised cond embedding gives a plain flow net. The network sees time_scale t and time_scale (s - t),
+    time_scale = 1 as the authors' (an embedding of 1000 t turns 1000 times faster; its JVP derivative makes the target
+    unstable). This project's options: `times` (any grid: the identity holds at every (t, s)); grid_share (that share of
+    the s != t rows takes grid jumps (k/n, (k+1)/n), n in grid_nfes, where the logit-normal puts little mass);
+    fd_step = $h > 0$: du/dt by a central difference, one no-grad forward of 2n rows (du/dt enters the loss stopped),
+    error $O(h^2) + O(\epsilon / h)$, $\epsilon$ the float32 rounding; without forward-mode AD, torch.compile applies.
+    Labelled runs (Sec. 4.2, guidance trained in): on rows that kept their label, v in the target and tangent becomes
         $$ v_g = \omega v + \kappa\, u(x_t, t, t | y) + (1 - \omega - \kappa)\, u(x_t, t, t | \text{null}),
            \quad \omega = w (1 - \kappa) $$
-    (both u stopped); the fixed point is the field guided at scale w, at 1 NFE per step.
-    """
+    (both u stopped; guided_velocity): its fixed point is the field guided at scale w, at 1 NFE per step. Label dropout
+    as the authors' code (dropped_rows): a Binomial(B, p) count of rows, the s = t rows first, takes the null label and
+    keeps v, teaching the u(x_t, t, t | null) that v_g reads."""
     name = "meanflow"
     uses_cond, second_scalar = True, "span s - t"
+    sort_first = True  # sample_times: sort (t', r') before setting r' = t' on the flow-matching share (pmf: after)
     sampling_options = ("times",)
     ratio: float = option(0.75, "share of the batch with s != t")
     time_mean: float = option(-2.0, "logit-normal mean of the times (paper convention)")
     time_std: float = option(2.0, "logit-normal std of the times")
     adaptive_p: float = option(0.75, "adaptive weight power p, 0 = plain L2")
     adaptive_c: float = option(1e-3, "adaptive weight constant c")
-    time_scale: float = option(1.0, "the network sees this times t and s - t (the other methods: 1000)",
-                               flag="--mf-time-scale")
+    time_scale: float = option(1.0, "the net sees this times t and s - t (other methods: 1000)", flag="--mf-time-scale")
     grid_share: float = option(0.0, "share of the s != t rows whose (t, s) is a jump of a sampling grid")
     grid_nfes: tuple = option((1, 2, 4), "the NFEs whose sampling grids --grid-share draws from", flag="--nfe")
     times: dict = option(None, "sampling grid of an NFE, e.g. 2:0.6 (default k/NFE)", flag="--mf-times")
@@ -461,21 +474,20 @@ class MeanFlow(Method):
                                "in it (omega = w (1 - kappa))", flag="--mf-kappa")
 
     def __post_init__(self):
-        self.times = parse_times(self.times, "--mf-times")
+        self.times = parse_times(self, "times")
         self.grid_nfes = tuple(sorted(set(self.grid_nfes)))
-        for ok, why in [(0.0 <= self.fd_step < 0.1, "fd_step must be in [0, 0.1) (0 = exact JVP; 3e-3 suits float32)"),
-                        (0.0 <= self.grid_share <= 1.0, "grid_share must be in [0, 1]"),
-                        (self.grid_nfes and all(isinstance(n, int) and n >= 1 for n in self.grid_nfes),
-                         "grid_nfes must be NFEs >= 1"),
-                        (0.0 <= self.ratio <= 1.0, "ratio (share of the batch with s != t) must be in [0, 1]"),
-                        (self.time_std > 0 and self.time_scale > 0, "time_std and time_scale must be > 0"),
-                        (self.adaptive_p >= 0 and self.adaptive_c > 0, "adaptive weighting needs p >= 0 and c > 0"),
-                        (self.guidance >= 1 and 0 <= self.kappa < 1, "guidance needs w >= 1 and 0 <= kappa < 1")]:
-            require(ok, f"{why}; got {self.config()}")
+        require(0.0 <= self.fd_step < 0.1, "must be in [0, 0.1) (0 = exact JVP; 3e-3 suits float32)", self, "fd_step")
+        require(0.0 <= self.grid_share <= 1.0, "must be in [0, 1]", self, "grid_share")
+        require(self.grid_nfes and all(isinstance(n, int) and n >= 1 for n in self.grid_nfes),
+                "NFEs must be integers >= 1", self, "grid_nfes")
+        require(0.0 <= self.ratio <= 1.0, "the share of the batch with s != t must be in [0, 1]", self, "ratio")
+        for field in ("time_std", "time_scale", "adaptive_c"):
+            require(getattr(self, field) > 0, "must be > 0", self, field)
+        require(self.adaptive_p >= 0, "the adaptive weight's power must be >= 0", self, "adaptive_p")
+        require(self.guidance >= 1 and 0 <= self.kappa < 1, "need w >= 1 and 0 <= kappa < 1", self, "guidance", "kappa")
 
     @property
-    def uses_jvp(self):
-        return not self.fd_step
+    def uses_jvp(self): return not self.fd_step
 
     def describe_run(self):
         return "" if not self.fd_step else (
@@ -488,16 +500,14 @@ class MeanFlow(Method):
         return net(x, self.time_scale * t, cond=self.time_scale * (s - t))
 
     def total_derivative(self, net, x, t, s, dxdt):
-        r"""$(u_\theta(x, t, s), du_\theta/dt)$ in one forward-mode pass: the JVP along the tangent
-        $(\dot x, \dot t, \dot s) = (\dot x_t, 1, 0)$, $\dot x_t$ = dxdt."""
+        r"""$(u_\theta, du_\theta/dt)$ by one forward-mode JVP along $(\dot x, \dot t, \dot s) = (dxdt, 1, 0)$."""
         return jvp(lambda x, t, s: self.average_velocity(net, x, t, s), (x, t, s),
                    (dxdt, torch.ones_like(t), torch.zeros_like(s)))
 
     @torch.no_grad()
     def finite_difference_derivative(self, net, x, t, s, dxdt):
         r"""$du/dt \approx [u(x + h \dot x, t + h, s) - u(x - h \dot x, t - h, s)] / 2h$, h = fd_step, $\dot x$ = dxdt:
-        both points in one forward of 2n rows. In float32 even under bf16 autocast: bf16's rounding divided by 2h
-        would swamp it."""
+        both points in one forward of 2n rows, float32 even under bf16 autocast (whose rounding / 2h would swamp it)."""
         h = self.fd_step
         pm = torch.cat([torch.ones_like(t), -torch.ones_like(t)]) * h  # +h for the first n rows, -h for the rest
         x2, dxdt2 = torch.cat([x, x]).float(), torch.cat([dxdt, dxdt]).float()
@@ -509,11 +519,16 @@ class MeanFlow(Method):
         return (u_plus - u_minus) / (2 * h)
 
     def sample_times(self, b, device):
-        r"""(t, s), $t \le s$, drawn in the paper's convention and mapped to this file's."""
+        r"""(t, s), $t \le s$, drawn in the paper's convention and mapped to this file's. sort_first: t' >= r' by a
+        sort of the two draws, then r' := t' on the flow-matching share (MeanFlow's and iMF's code: t' is the larger
+        of two draws on every row); False: r' := t' first, then the sort (pMF's code: t' is one draw on those rows)."""
         tp = torch.sigmoid(self.time_mean + self.time_std * torch.randn(b, device=device))
         rp = torch.sigmoid(self.time_mean + self.time_std * torch.randn(b, device=device))
-        tp, rp = torch.maximum(tp, rp), torch.minimum(tp, rp)  # t' >= r'
-        rp = torch.where(torch.rand(b, device=device) < 1 - self.ratio, tp, rp)  # r' = t' on 1 - ratio of them
+        flat = torch.rand(b, device=device) < 1 - self.ratio  # r' = t' on 1 - ratio of them
+        if self.sort_first:
+            tp, rp = torch.maximum(tp, rp), torch.minimum(tp, rp)  # t' >= r'
+        rp = torch.where(flat, tp, rp)
+        tp, rp = torch.maximum(tp, rp), torch.minimum(tp, rp)  # t' >= r' (a no-op after the first sort)
         t, s = 1 - tp, 1 - rp  # t = 1 - t' (nearer the noise), s = 1 - r'
         if self.grid_share:  # (k / n, (k + 1) / n): n uniform from grid_nfes, k uniform from 0 .. n - 1
             nfes = torch.tensor(self.grid_nfes, device=device, dtype=torch.float32)
@@ -524,21 +539,28 @@ class MeanFlow(Method):
         return t, s
 
     def adaptive_loss(self, delta):
-        r"""delta: (B, C, H, W) prediction - target $\to$ the batch mean of $\mathrm{sg}(w) \|\delta\|^2$,
-        $w = 1 / (\|\delta\|^2 + c)^p$."""
+        r"""delta: (B, C, H, W) prediction - target; the batch mean of $\mathrm{sg}(w) \|\delta\|^2$ (w: Sec. 4.3's)."""
         err = delta.pow(2).flatten(1).sum(1)
         w = 1.0 / (err.detach() + self.adaptive_c) ** self.adaptive_p
         self.last_metrics = {"mse": delta.detach().pow(2).mean().item()}  # unweighted, per pixel, for logs
         return (w * err).mean()
 
     def jumps_first(self, b, device, *tensors):
-        """(n, t, s, tensors) with the n rows that have s != t first (a None among the tensors stays None). The
-        loss is a mean over independent rows (GroupNorm and attention act within an image), so the order does not
-        change it."""
+        """(n, t, s, tensors) with the n rows that have s != t first (a None among the tensors stays None). The loss is
+        a mean over independent rows (GroupNorm and attention act within an image): the order does not change it."""
         t, s = self.sample_times(b, device)
         flat = s == t
         order = torch.argsort(flat.to(torch.uint8), stable=True)  # s != t (key 0) first, draw order kept
         return b - int(flat.sum()), t[order], s[order], [None if x is None else x[order] for x in tensors]
+
+    def dropped_rows(self, y, n):
+        """(B,) bool: the rows that take the null label, after jumps_first (the first n rows jump), by the authors' rule
+        of the class docstring: a Binomial(B, label_dropout) count, the s = t rows first, then the jumps."""
+        count = self.drop_count(len(y), y.device)
+        return (torch.arange(len(y), device=y.device) - n) % len(y) < count  # rows n.., then 0..n - 1
+
+    def drop_count(self, b, device):  # how many of b rows lose their label: Binomial(b, label_dropout)
+        return (torch.rand(b, device=device) < self.label_dropout).sum()
 
     def with_derivative(self, net, x, t, s, n, tangent):
         r"""($u_\theta(x, t, s)$ with its graph, $du_\theta/dt$) for a batch whose first n rows have $s \ne t$; du/dt is
@@ -557,25 +579,20 @@ class MeanFlow(Method):
                                   if self.fd_step else
                                   self.total_derivative(module, x[jump], t[jump], s[jump], tangent(jump))[1])
             return u, dudt
-        u, dudt = [], []
+        parts = []  # (u, du/dt) of the jump rows, then of the s = t rows
         if n:
-            u_jump, dudt_jump = self.total_derivative(net.rows(jump), x[jump], t[jump], s[jump], tangent(jump))
-            u.append(u_jump)
-            dudt.append(dudt_jump)
+            parts.append(self.total_derivative(net.rows(jump), x[jump], t[jump], s[jump], tangent(jump)))
         if n < len(x):  # s = t: a plain forward, the instantaneous velocity
-            u.append(self.average_velocity(net.rows(flat), x[flat], t[flat], s[flat]))
-            dudt.append(torch.zeros_like(x[flat]))
+            parts.append((self.average_velocity(net.rows(flat), x[flat], t[flat], s[flat]), torch.zeros_like(x[flat])))
+        u, dudt = zip(*parts)
         return torch.cat(u), torch.cat(dudt)
 
     def guided_velocity(self, net, xt, t, v):
-        r"""The target field of a guided run (Geng et al. Sec. 4.2), on rows whose label was kept:
-            $$ v_g = \omega v + \kappa\, u(x_t, t, t | y) + (1 - \omega - \kappa)\, u(x_t, t, t | \text{null}),
-               \quad \omega = w (1 - \kappa) $$
-        with both u stopped, from one no-grad call on [x_t, x_t] with labels [y, null]; dropped rows keep v. The network
-        at s = t learns $E[v_g | x_t, y]$, whose fixed point is
-        $u(\cdot | y) = u(\cdot | \text{null}) + w\, (v(\cdot | y) - u(\cdot | \text{null}))$: the guided field at scale
-        w, with $u(\cdot | \text{null})$ the unconditional velocity that the dropped rows teach. kappa trades how much
-        of the target is the network's own (stable, but slower to move)."""
+        r"""The target $v_g$ of a guided run (Sec. 4.2) on rows whose label was kept, both u stopped, from one no-grad
+        call on [x_t, x_t] with labels [y, null]; dropped rows keep v. The network at s = t learns $E[v_g | x_t, y]$,
+        whose fixed point $u(\cdot | y) = u(\cdot | \text{null}) + w\, (v(\cdot | y) - u(\cdot | \text{null}))$ is the
+        guided field at scale w, $u(\cdot | \text{null})$ the unconditional velocity that the dropped rows teach. kappa:
+        how much of the target is the network's own (stable, but slower to move)."""
         if net.y is None or self.guidance == 1:
             return v
         omega = self.guidance * (1 - self.kappa)
@@ -589,7 +606,8 @@ class MeanFlow(Method):
     def loss(self, net, x1, x0=None, ema=None, y=None):
         x0 = torch.randn_like(x1) if x0 is None else x0
         n, t, s, (x1, x0, y) = self.jumps_first(x1.shape[0], x1.device, x1, x0, y)
-        net = Conditioned(net, drop_labels(y, self.label_dropout, self.num_classes), self.num_classes)
+        y = y if y is None else torch.where(self.dropped_rows(y, n), self.num_classes, y)
+        net = Conditioned(net, y, self.num_classes)
         xt = interpolate(x0, x1, t)
         v = self.guided_velocity(net, xt, t, x1 - x0)  # dx_t/dt: the conditional velocity (guided: v_g)
         u, dudt = self.with_derivative(net, xt, t, s, n, lambda rows: v[rows])
@@ -607,28 +625,27 @@ class MeanFlow(Method):
 
 @dataclasses.dataclass(eq=False)
 class ImprovedMeanFlow(MeanFlow):
-    r"""Improved MeanFlow: the network predicts the average velocity u(x_t, t, s) as in MeanFlow, but is trained by
-    a loss on the instantaneous velocity: V = u - (s - t) sg[du/dt] must equal the conditional velocity x1 - x0,
-    with du/dt a Jacobian-vector product along the network's own velocity u(x_t, t, t), so the regression target
-    is independent of the network; sampled as MeanFlow.
+    r"""Improved MeanFlow: the network predicts the average velocity u(x_t, t, s) as in MeanFlow, but is trained by a
+    loss on the instantaneous velocity: V = u - (s - t) sg[du/dt] must equal the conditional velocity x1 - x0, with
+    du/dt a Jacobian-vector product along the network's own velocity u(x_t, t, t), so the regression target is
+    independent of the network; sampled as MeanFlow.
 
-    Paper: Geng, Lu, Wu, Shechtman, Kolter, He. Improved Mean Flows: On the Challenges of Fastforward Generative
-    Models. CVPR 2026, arXiv:2512.02012.
+    Paper: Geng, Lu, Wu, Shechtman, Kolter, He. Improved Mean Flows: On the Challenges of Fastforward Generative Models.
+    CVPR 2026, arXiv:2512.02012.
 
         $$ V_\theta(x_t, t, s) = u_\theta(x_t, t, s) - (s - t)\, \mathrm{sg}[\tfrac{du_\theta}{dt}], \quad
            \tfrac{du}{dt} \text{ along } v_\theta = u_\theta(x_t, t, t) $$
         $$ L = E\, w \| V_\theta - (x_1 - x_0) \|^2 \qquad \text{(iMF Sec. 4.1)} $$
     The tangent is the network's own velocity at the boundary s = t, so that $V_\theta$ is a function of $x_t$ alone
     (iMF Alg. 1 with the boundary condition instead of an extra v-head: a U-Net has one head). Their V' is -V here.
-    Defaults: the authors' released recipe. Options as MeanFlow's, but guidance is an input of the network
-    (guidance conditioning): a class-conditional run feeds w as time_scale (w - 1), draws w log-uniform on [1,
-    guidance_max] for each labelled row (1 on rows whose label was dropped) and regresses V onto
+    Defaults: the authors' released recipe. Options as MeanFlow's; guidance is a network input (guidance conditioning):
+    labelled runs feed w as time_scale (w - 1), w log-uniform on [1, guidance_max] per row, and regress V onto
         $$ v_g = v + (1 - 1/w)\, \mathrm{sg}[u_\theta(x_t, t, t | y, w) - u_\theta(x_t, t, t | \text{null}, 1)],
            \quad v = x_1 - x_0 $$
     whose fixed point is the guided field $u(\cdot | \text{null}) + w\, (v(\cdot | y) - u(\cdot | \text{null}))$ at
-    every w; sampling picks w (`guidance`) at 1 NFE per step. Not kept: the CFG interval as an input (guidance acts
-    at every t) and in-context conditioning (a transformer's).
-    """
+    every w; sampling picks w (`guidance`) at 1 NFE per step. Label dropout as the authors' code (MeanFlow's rule, the
+    s = t rows first): dropped rows keep their w as input and v as target; the tangent and u_c use the true label. Not
+    kept: the CFG interval as an input (guidance acts at every t), in-context conditioning (a transformer's)."""
     name = "imf"
     guidance_input, not_options = True, ("kappa",)
     sampling_options = ("times", "guidance")
@@ -644,8 +661,9 @@ class ImprovedMeanFlow(MeanFlow):
 
     def __post_init__(self):
         super().__post_init__()
-        require(self.guidance_max >= self.guidance >= 1, f"need 1 <= guidance <= guidance_max, got {self.guidance}, "
-                                                         f"{self.guidance_max}")
+        require(self.guidance_max >= 1, "must be >= 1 (1: no guidance)", self, "guidance_max")
+        require(self.guidance_max >= self.guidance >= 1, f"must be in [1, guidance_max = {self.guidance_max:g}]", self,
+                "guidance")
 
     def bound(self, net, y, w=None):
         """net with labels y and, in a labelled run, the guidance input time_scale (w - 1) (w: `guidance`)."""
@@ -657,24 +675,25 @@ class ImprovedMeanFlow(MeanFlow):
     def loss(self, net, x1, x0=None, ema=None, y=None):
         x0 = torch.randn_like(x1) if x0 is None else x0
         n, t, s, (x1, x0, y) = self.jumps_first(x1.shape[0], x1.device, x1, x0, y)
-        y = drop_labels(y, self.label_dropout, self.num_classes)
         xt, v = interpolate(x0, x1, t), x1 - x0
         if y is None:
             return self.adaptive_loss(self.compound_velocity(Conditioned(net), xt, t, s, n) - v)
-        w = torch.exp(torch.rand(y.shape, device=y.device) * math.log(self.guidance_max))  # log-uniform [1, max]
-        w = torch.where(y == self.num_classes, torch.ones_like(w), w)  # dropped labels: no guidance
-        net = self.bound(net, y, w)
-        with torch.no_grad():  # u(x_t, t, t | y, w) and u(x_t, t, t | null, 1): one call of 2B rows
-            pair = net.module.with_null()  # guidance input w - 1 = 0 on the null rows
+        dropped = self.dropped_rows(y, n)
+        w = self.sample_guidance(len(y), y.device)
+        with torch.no_grad():  # u(x_t, t, t | y, w) and u(x_t, t, t | null, 1): one call of 2B rows, true labels
+            pair = self.bound(net, y, w).module.with_null()  # guidance input w - 1 = 0 on the null rows
             tt = torch.cat([t, t])
             u_c, u_u = self.average_velocity(pair, torch.cat([xt, xt]), tt, tt).float().chunk(2)
-        v_g = v + expand_t(1 - 1 / w, v) * (u_c - u_u)  # w = 1 (dropped rows): v itself
+        v_g = torch.where(expand_t(dropped, v), v, v + expand_t(1 - 1 / w, v) * (u_c - u_u))  # dropped rows: v
+        net = self.bound(net, torch.where(dropped, self.num_classes, y), w)  # dropped rows keep their w
         return self.adaptive_loss(self.compound_velocity(net, xt, t, s, n, v_self=u_c) - v_g)
 
+    def sample_guidance(self, b, device):  # w log-uniform on [1, guidance_max] for each row of a labelled batch
+        return torch.exp(torch.rand(b, device=device) * math.log(self.guidance_max))
+
     def compound_velocity(self, net, xt, t, s, n=None, v_self=None):
-        r"""$V_\theta(x_t, t, s)$; the first n rows have $s \ne t$ (jumps_first), None: du/dt on every row; v_self: the
-        tangent $u_\theta(x_t, t, t)$ if already computed. For the exact average velocity of any flow, V is that flow's
-        instantaneous velocity, whatever s is."""
+        r"""$V_\theta(x_t, t, s)$; the first n rows have $s \ne t$ (jumps_first; None: all rows); v_self: the tangent
+        $u_\theta(x_t, t, t)$ if known. For any flow's exact average velocity, V is that flow's velocity, whatever s."""
         n = len(xt) if n is None else n
         net = net if isinstance(net, Conditioned) else Conditioned(net)
 
@@ -689,9 +708,9 @@ class ImprovedMeanFlow(MeanFlow):
 
 @dataclasses.dataclass(eq=False)
 class PixelMeanFlow(ImprovedMeanFlow):
-    r"""Pixel MeanFlow: improved MeanFlow whose network outputs an image x_hat(x_t, t, s) (x-prediction) instead of
-    a velocity; the average velocity is derived from it in closed form and trained by iMF's velocity-space loss,
-    and one step from noise returns x_hat(x0, 0, 1) itself, so the output lives on the image manifold.
+    r"""Pixel MeanFlow: improved MeanFlow whose network outputs an image x_hat(x_t, t, s) (x-prediction) instead of a
+    velocity; the average velocity is derived from it in closed form and trained by iMF's velocity-space loss, and one
+    step from noise returns x_hat(x0, 0, 1) itself, so the output lives on the image manifold.
 
     Paper: Lu, Lu, Sun, Zhao, Jiang, Wang, Li, Geng, He. One-step Latent-free Image Generation with Pixel Mean Flows.
     ICML 2026, arXiv:2601.22158.
@@ -704,23 +723,23 @@ class PixelMeanFlow(ImprovedMeanFlow):
     Why $\hat x$: $x_t + (1 - t)\, u(x_t, t, s)$ is where a straight line from x_t at the average velocity reaches
     t = 1; at s = t it is the denoiser $E[x_1 | x_t]$, and $\hat x(x_0, 0, 1)$ is the one-step sample. Convention: the
     paper's z_t = (1 - t') x + t' e with t' = 1 - t gives its u' = (z_t - x_hat) / t' = -u here; its clip of t' at 0.05
-    is clip on 1 - t. Kept: x-prediction, iMF's loss and tangent, the adaptive weight (p = 1, c = 0.01), r = t on
-    half the batch, logit-normal(0.8, 0.8) times (the paper's ImageNet recipe: most rows near noise, where the
-    one-step jump starts; `--time-mean` lower moves rows toward the data, where the last jumps of NFE 2 and 4 start,
-    a trade between the two). Deviations: (1) the target is the conditional velocity x1 - x0, where the authors
-    divide (z_t - x) by the same clipped t' (the two agree for 1 - t >= clip; with x1 - x0 the minimiser is the
-    exact average velocity at every t); (2) no perceptual loss: the paper adds LPIPS and ConvNeXt losses on x_hat
-    for t' < 0.8, whose ImageNet-pretrained weights a from-scratch entry may not use, so x_hat is trained by the
-    velocity loss alone. Options as imf's.
-    """
+    is clip on 1 - t. Kept: x-prediction, iMF's loss and tangent, the adaptive weight (p = 1, c = 0.01), r = t on half
+    the batch, logit-normal(0.8, 0.8) times (the paper's ImageNet recipe: most rows near noise, where the one-step jump
+    starts; a lower `--time-mean` moves rows toward the data, where the last jumps of NFE 2 and 4 start: a trade between
+    the two), drawn in the authors' order (sort_first = False, see sample_times). Deviations: (1) the target is the
+    conditional velocity x1 - x0, where the authors divide (z_t - x) by the same clipped t' (the two agree for
+    1 - t >= clip; with x1 - x0 the minimiser is the exact average velocity at every t); (2) no perceptual loss: the
+    paper adds LPIPS and ConvNeXt losses on x_hat for t' < 0.8, whose ImageNet-pretrained weights a from-scratch entry
+    may not use, so x_hat learns from the velocity loss alone. Options as imf's."""
     name = "pmf"
     time_mean: float = option(0.8, "logit-normal mean of the times (paper convention)")
     time_std: float = option(0.8, "logit-normal std of the times")
     clip: float = option(0.05, "u = (x_hat - x_t) / max(1 - t, CLIP): the paper's clip of t'", flag="--pmf-clip")
+    sort_first = False  # pMF's code sets r' = t' on the flow-matching share before it sorts (t', r')
 
     def __post_init__(self):
         super().__post_init__()
-        require(0 < self.clip <= 1, f"clip must be in (0, 1] (the paper: 0.05), got {self.clip!r}")
+        require(0 < self.clip <= 1, "must be in (0, 1] (the paper: 0.05)", self, "clip")
 
     def average_velocity(self, net, x, t, s):
         r"""$u_\theta(x, t, s)$ from the network's image x_hat(x, t, s); it sees time_scale t and time_scale (s - t)."""
@@ -729,18 +748,16 @@ class PixelMeanFlow(ImprovedMeanFlow):
 
 
 # %% cm and ctm: consistency models and consistency trajectory models ----------------------------------------------
-# Both papers use EDM's $x_\sigma = x_1 + \sigma z$ ($\sigma = 0$ data). On this file's path
-# $x_t / t = x_1 + ((1 - t) / t)\, x_0$, so $x_t$ is t times an EDM point with $\sigma = (1 - t) / t$,
-# $t = 1 / (1 + \sigma)$, $x_\sigma = x_t / t = (1 + \sigma)\, x_t$: exact (the same noise, the same data), so EDM's
-# levels, preconditioning and ODE carry over.
+# Both papers use EDM's $x_\sigma = x_1 + \sigma z$ ($\sigma = 0$ data). Ours: $x_t / t = x_1 + ((1 - t) / t)\, x_0$,
+# so $x_t$ is t times an EDM point at $\sigma = (1 - t) / t$, $t = 1 / (1 + \sigma)$: $x_\sigma = (1 + \sigma)\, x_t$,
+# exact (the same noise, the same data), so EDM's levels, preconditioning and ODE carry over.
 def sigma_to_t(sigma): return 1.0 / (1.0 + sigma)
 def t_to_sigma(t): return (1.0 - t) / t
 
 
 def karras_sigmas(n, sigma_min, sigma_max, rho, device="cpu"):
     r"""$\sigma_i = (\sigma_\min^{1/\rho} + \tfrac{i - 1}{n - 1} (\sigma_\max^{1/\rho} - \sigma_\min^{1/\rho}))^\rho$,
-    $i = 1, \dots, n$ (Karras et al. 2022, Eq. 5), ascending; float64, so that the ends are sigma_min and sigma_max
-    to the last bit."""
+    $i = 1..n$ (Karras et al. 2022, Eq. 5), ascending; float64 keeps the ends sigma_min, sigma_max to the last bit."""
     i = torch.arange(n, dtype=torch.float64, device=device) / (n - 1)
     s = (sigma_min ** (1 / rho) + i * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho
     s[0], s[-1] = sigma_min, sigma_max
@@ -749,13 +766,13 @@ def karras_sigmas(n, sigma_min, sigma_max, rho, device="cpu"):
 
 @dataclasses.dataclass(eq=False)
 class ConsistencyModel(Method):
-    r"""Consistency model: one network f(x_t, t) maps any point of a trajectory of the probability-flow ODE to its
-    data end, with f the identity at the smallest noise level by construction. It is trained from scratch by making
-    f agree at adjacent noise levels of the same noise draw (improved consistency training), or distilled from a
-    trained rf run; NFE 1 is one call of f on noise, NFE 2 and 4 re-noise f's output and apply f again.
+    r"""Consistency model: one network f(x_t, t) maps any point of a trajectory of the probability-flow ODE to its data
+    end, with f the identity at the smallest noise level by construction. It is trained from scratch by making f agree
+    at adjacent noise levels of the same noise draw (improved consistency training), or distilled from a trained rf run;
+    NFE 1 is one call of f on noise, NFE 2 and 4 re-noise f's output and apply f again.
 
-    Paper: Song, Dhariwal, Chen, Sutskever. Consistency Models. ICML 2023, arXiv:2303.01469. Song, Dhariwal.
-    Improved Techniques for Training Consistency Models. ICLR 2024, arXiv:2310.14189 (iCT).
+    Paper: Song, Dhariwal, Chen, Sutskever. Consistency Models. ICML 2023, arXiv:2303.01469. Song, Dhariwal. Improved
+    Techniques for Training Consistency Models. ICLR 2024, arXiv:2310.14189 (iCT).
 
         $$ f(x_t, \sigma) = c_\text{skip}\, x_\sigma + c_\text{out}\, F_\theta(c_\text{in}\, x_\sigma, 1000\, t)
            \qquad \text{(Song et al. App. C)} $$
@@ -765,21 +782,25 @@ class ConsistencyModel(Method):
         $$ L = E\, \lambda(\sigma_i)\, d(f_\theta(x_{\sigma_{i+1}}, \sigma_{i+1}),
            \mathrm{sg}\, f_\theta(x_{\sigma_i}, \sigma_i)) \qquad \text{(iCT)} $$
     At $\sigma_\min$, $c_\text{skip} = 1$ and $c_\text{out} = 0$ exactly: the boundary condition holds whatever the
-    network. iCT, one by one (Sec. 3): Karras levels ($\rho = 7$, $\sigma \in [0.002, 80]$);
+    network. iCT (Sec. 3): N(k) Karras levels at step k ($\rho = 7$, $\sigma \in [0.002, 80]$), level i by p(i):
         $$ N(k) = \min(s_0\, 2^{\lfloor k / K' \rfloor}, s_1) + 1, \quad
            K' = \lfloor K / (\log_2 \lfloor s_1 / s_0 \rfloor + 1) \rfloor $$
-    level i with
         $$ p(i) \propto \mathrm{erf}((\ln \sigma_{i+1} - P_\text{mean}) / (\sqrt 2\, P_\text{std}))
            - \mathrm{erf}((\ln \sigma_i - P_\text{mean}) / (\sqrt 2\, P_\text{std})), \quad
            \lambda = 1 / (\sigma_{i+1} - \sigma_i) $$
     pseudo-Huber $d(x, y) = \sqrt{\|x - y\|^2 + c^2} - c$, $c = 0.00054 \sqrt{C H W}$; $\theta^- = \theta$ (no EMA, the
     same dropout masks). CT: $x_{\sigma_i} = x_1 + \sigma_i z$, the same z. CD (--teacher, an rf run): $x_{t_i}$ is one
     Heun step of the teacher's ODE from $x_{t_{i+1}}$, $\theta^- = \theta$ too (Song et al.'s CD used an EMA target).
+    The Heun step is in t (openai's: in $\sigma$ on $x_\sigma = x_t / t$; same Euler predictor, the corrections differ).
     Deviation: K, the curriculum's length, is the option total_steps (a run bounded by minutes does not know it).
     Sampling (Alg. 1): $x = f(x_{\sigma_\max}, \sigma_\max)$, then at each intermediate time t (default k / NFE, or
     `times`): $x = f(t\, (x + \sqrt{\sigma^2 - \sigma_\min^2}\, z), \sigma)$. The first input is
     $x_{t_\min} = (1 - t_\min)\, z$, the paper's $x_T = \sigma_\max z$ rescaled.
-    """
+    Against the authors' code (openai/consistency_models; iCT's has no official code, its ports stand in):
+    - time input: openai's $250 \ln \sigma$ (EDM's $c_\text{noise}$ times 1000); ours 1000 t, as every method here;
+    - openai's multistep sampler clamps each denoised estimate to [-1, 1]; ours does not (the runner clamps the final
+      images only): the method assumes no data range (the tests' Gaussian data lies outside [-1, 1]);
+    - pseudo-Huber: the iCT ports (Kinyugo's, diffusers') per pixel; ours on the image's norm, as in the iCT paper."""
     name = "cm"
     teacher_methods = ("rf",)  # optional: consistency distillation
     sampling_options = ("times",)
@@ -799,20 +820,19 @@ class ConsistencyModel(Method):
     guidance: float = option(1.0, TEACHER_GUIDANCE, flag="--guidance")
 
     def __post_init__(self):
-        require(0 < self.sigma_min < self.sigma_max, f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, "
-                                                     f"{self.sigma_max}")
+        require(0 < self.sigma_min < self.sigma_max, "need 0 < sigma_min < sigma_max", self, "sigma_min", "sigma_max")
         require(isinstance(self.s0, int) and isinstance(self.s1, int) and 2 <= self.s0 <= self.s1,
-                f"the curriculum needs integers 2 <= s0 <= s1 (the paper: 10, 1280), got {self.s0}, {self.s1}")
-        stages = int(math.log2(self.s1 // self.s0)) + 1
+                "the curriculum needs integers 2 <= s0 <= s1 (the paper: 10, 1280)", self, "s0", "s1")
+        stages = math.ceil(math.log2(self.s1 // self.s0)) + 1  # the distinct N(k); K >= stages keeps K' >= 1
         require(isinstance(self.total_steps, int) and self.total_steps >= stages,
-                f"total_steps {self.total_steps!r} is shorter than the curriculum's {stages} stages (s0 = {self.s0} "
-                f"doubling to s1 = {self.s1}); give at least {stages} (--cm-total-steps)")
+                f"shorter than the curriculum's {stages} stages (s0 = {self.s0} doubling to s1 = {self.s1}); give at "
+                f"least {stages}", self, "total_steps")
         self.t_min, self.t_max = sigma_to_t(self.sigma_max), sigma_to_t(self.sigma_min)
-        self.times = parse_times(self.times, "--cm-times", self.t_min, self.t_max)
+        self.times = parse_times(self, "times", self.t_min, self.t_max)
 
     def num_scales(self, k):
         r"""$N(k) = \min(s_0\, 2^{\lfloor k / K' \rfloor}, s_1) + 1$ (iCT's exponential curriculum)."""
-        k_prime = self.total_steps // (int(math.log2(self.s1 // self.s0)) + 1)
+        k_prime = math.floor(self.total_steps / (math.log2(self.s1 // self.s0) + 1))  # the real log2, not floored
         return min(self.s0 * 2 ** (k // k_prime), self.s1) + 1
 
     def consistency_fn(self, net, x_t, sigma):
@@ -918,18 +938,20 @@ class ContinuousConsistency(Method):
     With $r = 1$, $g = \cos(\tau)\, df/d\tau$: the loss's gradient pushes f to be constant along the ODE. $dF/d\tau$ is
     one JVP along $(\cos \sin\, dx/d\tau, \cos \sin)$ ("JVP rearrangement": the factor cos sin goes into the tangent);
     $\theta^- = \theta$ without gradient, the same dropout masks. Stability measures kept: $c_\text{noise}(\tau) = \tau$
-    (time_scale 1), tangent warm-up (r rises 0 -> 1 over warmup_steps), tangent normalisation (c = 0.1, on the RMS so
-    that it does not depend on the image size), prior weight $1 / (\sigma_d \tan\tau)$, adaptive weight $l(\tau)$
-    (AdaptiveWeight, its own Adam at the run's lr). Not kept: adaptive double normalisation (an architecture change;
-    unet.py keeps ADM's scale-shift norm). Times: $\sigma_d \tan(\tau) \sim$ lognormal(p_mean, p_std). sCD: an rf
-    teacher $v(x_t, t)$ is a TrigFlow velocity in closed form: at $t = \cos / (\cos + \sigma_d \sin)$,
-    $x_t = x_\tau / (\cos + \sigma_d \sin)$,
+    (time_scale 1), tangent warm-up (r: 0 -> 1 over warmup_steps), tangent normalisation (c = 0.1, on the RMS:
+    independent of the image size), prior weight $1 / (\sigma_d \tan\tau)$, adaptive weight $l(\tau)$ (AdaptiveWeight,
+    its own Adam at the run's lr). Not kept: adaptive double normalisation (an architecture change: unet.py keeps ADM's
+    scale-shift norm). Times: $\sigma_d \tan(\tau) \sim$ lognormal(p_mean, p_std). sCD: an rf teacher v is a TrigFlow
+    velocity in closed form, at $t = \cos / (\cos + \sigma_d \sin)$, $x_t = x_\tau / (\cos + \sigma_d \sin)$:
         $$ \sigma_d F^* = \sigma_d \cos(\tau)\, (x_t - t v) - \sin(\tau)\, (x_t + (1 - t)\, v)
            \qquad (E[z] \text{ and } E[x_1] \text{ given } x_t) $$
-    and the student starts from random weights (the teacher's network speaks another parametrisation). Sampling
-    (Alg. 1): $x = \sigma_d x_0$ at $\tau = \pi/2$ (t = 0), $x_1 = f(x, \pi/2)$; then at each intermediate time (default
-    k / NFE in this file's t, which for NFE 2 is $\tau = 1.107$, the paper's 1.1): $x = \cos x_1 + \sin z$, $x_1 = f$.
-    """
+    and the student starts from random weights (the teacher's network speaks another parametrisation). Alg. 1 sampling:
+    $x = \sigma_d x_0$ at $\tau = \pi/2$ (t = 0), $x_1 = f(x, \pi/2)$; then at each intermediate time (default k / NFE
+    in this file's t, which for NFE 2 is $\tau = 1.107$, the paper's 1.1): $x = \cos x_1 + \sin z$, $x_1 = f$. Against
+    NVlabs/FastGen's sCM (no official code is public), what it does / what we do / why:
+    - weight: pixel mean / D again (divide_x_0_spatial_dim) / $e^{-l}\|\cdot\|^2/D$ / the paper's (l absorbs log D);
+    - $l(\tau)$: a head of the network / its own small network and Adam / unet.py has no such head;
+    - the times: lognormal truncated to [0.002, 80] / untruncated / the paper's (a 2e-4 share differs)."""
     name = "scm"
     teacher_methods = ("rf",)  # optional: sCD
     uses_jvp, sampling_options, time_input = True, ("times",), "tau"
@@ -941,52 +963,45 @@ class ContinuousConsistency(Method):
     tangent_c: float = option(0.1, "c of the tangent normalisation g / (rms(g) + c)", flag="--scm-tangent-c")
     tangent_norm: bool = option(True, "turn the tangent normalisation off", flag="--scm-no-tangent-norm")
     adaptive: bool = option(True, "turn the learned weight l(tau) off", flag="--scm-no-adaptive-weight")
-    time_scale: float = option(1.0, "the network sees this times tau (the paper: c_noise(tau) = tau)",
-                               flag="--scm-time-scale")
+    time_scale: float = option(1.0, "the net sees this times tau (paper: c_noise(tau) = tau)", flag="--scm-time-scale")
     times: dict = option(None, "intermediate times of multistep sampling in this file's t, e.g. 2:0.5 "
                                "(default k/NFE)", flag="--scm-times")
     guidance: float = option(1.0, TEACHER_GUIDANCE, flag="--guidance")
 
     def __post_init__(self):
-        require(self.sigma_data > 0 and self.p_std > 0 and self.time_scale > 0 and self.tangent_c > 0,
-                f"sigma_data, p_std, time_scale and tangent_c must be > 0; got {self.config()}")
-        require(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
-                f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
-        self.times = parse_times(self.times, "--scm-times")
+        for field in ("sigma_data", "p_std", "time_scale", "tangent_c"):
+            require(getattr(self, field) > 0, "must be > 0", self, field)
+        require(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "must be an integer >= 0", self,
+                "warmup_steps")
+        self.times = parse_times(self, "times")
         self.weighting = self.weight_opt = None  # built at the first step, on the data's device
         self.weight_pending, self.lr = {}, 1e-3
 
-    def F(self, net, x_tau, tau):
-        r"""$F_\theta(x_\tau / \sigma_d, \tau)$: the network sees time_scale $\tau$."""
+    def F(self, net, x_tau, tau):  # F_theta(x_tau / sigma_d, tau): the network sees time_scale tau
         return net(x_tau / self.sigma_data, self.time_scale * tau)
 
     def consistency_fn(self, net, x_tau, tau):
-        r"""$f_\theta(x_\tau, \tau) = \cos\tau\, x_\tau - \sin\tau\, \sigma_d F_\theta$: the data end of $x_\tau$'s
-        trajectory."""
+        r"""$f_\theta(x_\tau, \tau) = \cos\tau\, x_\tau - \sin\tau\, \sigma_d F_\theta$: the trajectory's data end."""
         c, s = expand_t(torch.cos(tau), x_tau), expand_t(torch.sin(tau), x_tau)
         return c * x_tau - s * self.sigma_data * self.F(net, x_tau, tau)
 
     def teacher_velocity(self, x_tau, tau, teacher=None):
         r"""$\sigma_d F^* = dx_\tau / d\tau$ of the rf teacher, in closed form (the docstring's sCD line)."""
         c, s = expand_t(torch.cos(tau), x_tau), expand_t(torch.sin(tau), x_tau)
-        t = trig_to_t(tau, self.sigma_data)
-        x_t = x_tau / (c + self.sigma_data * s)
+        t, x_t = trig_to_t(tau, self.sigma_data), x_tau / (c + self.sigma_data * s)
         v = (teacher or self.teacher)(x_t, TIME_SCALE * t)
         tt = expand_t(t, x_t)
         return self.sigma_data * c * (x_t - tt * v) - s * (x_t + (1 - tt) * v)  # sigma_d cos E[x0] - sin E[x1]
 
     def derivative(self, net, x_tau, tau, dxdt):
-        r"""$(F_{\theta^-}, \cos\tau \sin\tau\, dF_{\theta^-}/d\tau)$: one JVP along the tangent
-        $(\cos\tau \sin\tau\, dx_\tau/d\tau, \cos\tau \sin\tau)$, without gradient ($\theta^-$), on the unwrapped
-        network (no DDP hooks inside the JVP) with the same dropout masks as the loss's forward."""
+        r"""$(F_{\theta^-}, \cos\tau \sin\tau\, dF_{\theta^-}/d\tau)$: the class docstring's JVP, without gradient
+        ($\theta^-$), on the unwrapped network (no DDP hooks inside the JVP), with the loss's dropout masks."""
         module, dev, cs = getattr(net, "module", net), x_tau.device, torch.cos(tau) * torch.sin(tau)
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             return jvp(lambda x, tt: self.F(module, x, tt), (x_tau, tau), (expand_t(cs, x_tau) * dxdt, cs))
 
     def tangent(self, x_tau, tau, dxdt, F_minus, F_jvp, r):
-        r"""The tangent, $\cos\tau\, df_{\theta^-}/d\tau$ at r = 1 (r: the warm-up ratio):
-            $$ g = -\cos^2\tau\, (\sigma_d F_{\theta^-} - dx_\tau/d\tau)
-                   - r \cos\tau \sin\tau\, (x_\tau + \sigma_d\, dF_{\theta^-}/d\tau) $$"""
+        r"""The class docstring's tangent g, $\cos\tau\, df_{\theta^-}/d\tau$ at r = 1 (r: the warm-up ratio)."""
         c, s = expand_t(torch.cos(tau), x_tau), expand_t(torch.sin(tau), x_tau)
         return -c ** 2 * (self.sigma_data * F_minus - dxdt) - r * (c * s * x_tau + self.sigma_data * F_jvp)
 
@@ -1006,12 +1021,10 @@ class ContinuousConsistency(Method):
         return self.weighting
 
     def state_dict(self):
-        if self.weighting is None:
-            return dict(self.weight_pending)
-        return {"weighting": self.weighting.state_dict(), "weight_opt": self.weight_opt.state_dict()}
+        return dict(self.weight_pending) if self.weighting is None else {
+            "weighting": self.weighting.state_dict(), "weight_opt": self.weight_opt.state_dict()}
 
-    def load_state_dict(self, state):
-        self.weighting, self.weight_opt, self.weight_pending = None, None, dict(state)
+    def load_state_dict(self, state): self.weighting, self.weight_opt, self.weight_pending = None, None, dict(state)
 
     def loss(self, net, x1, x0=None, ema=None, y=None):
         r"""x1: data; x0: its noise ($z = \sigma_d x_0$); y: labels or None. ema is not used: $\theta^- = \theta$."""
@@ -1060,10 +1073,9 @@ class ContinuousConsistency(Method):
 
 @dataclasses.dataclass(eq=False)
 class CTM(Method):
-    r"""Consistency trajectory model: one network G(x_t, t, s) = x_t + (s - t) u(x_t, t, s) jumps from any time t of
-    the probability-flow ODE to any later time s; distilled from a trained rectified flow (the teacher, whose
-    weights it starts from) by soft consistency matching plus flow matching at s = t. NFE n makes n jumps along a
-    time grid (gamma-sampling).
+    r"""Consistency trajectory model: one network G(x_t, t, s) = x_t + (s - t) u(x_t, t, s) jumps from any time t of the
+    probability-flow ODE to any later time s; distilled from a trained rectified flow (the teacher, whose weights it
+    starts from) by soft consistency matching plus flow matching at s = t.
 
     Paper: Kim, Lai, Liao, Murata, Takida, Uesaka, He, Mitsufuji, Ermon. Consistency Trajectory Models: Learning
     Probability Flow ODE Trajectory of Diffusion. ICLR 2024, arXiv:2310.02279.
@@ -1076,21 +1088,22 @@ class CTM(Method):
            \quad [+\ \text{gan_weight}\ \lambda\, \mathrm{softplus}(-d(x_\text{est}))] $$
     Parametrisation: Kim et al.'s $G = (s/t) x_t + (1 - s/t) g_\theta$ (EDM's sigma) on the straight path, with the rf
     teacher's denoiser $D = x_t + (1 - t) v$: $G(x, t, t) = x$ exactly; a student from the teacher is its Euler step.
-    Soft matching (the authors' defaults): a grid of num_scales Karras levels ($\rho = 7$, $\sigma \in [0.002, 80]$)
-    mapped by $t = 1 / (1 + \sigma)$, ends moved to 0 and 1; u = t + k grid steps, k ~ U{1 .. heun_steps} once per
-    batch, s uniform on the grid in [u, 1]; $x_u$ = k Heun steps of the teacher. Both sides are carried to the data by
+    Soft matching (the authors' defaults): num_scales Karras levels ($\rho = 7$, $\sigma \in [0.002, 80]$) at
+    $t = 1 / (1 + \sigma)$, ends moved to 0 and 1; u = t + k grid steps, one k per batch, $p(k) \propto k$ on
+    1..heun_steps (sony/ctm's heun_step_strategy 'weighted', kept by its CIFAR-10 commands), s uniform on the grid from
+    u to 1; $x_u$ = k Heun steps of the teacher in t (sony/ctm's in EDM's $\sigma$, as openai's in cm: corrections
+    differ at second order; here the grid starts at $t = 0$, $\sigma = \infty$). Both sides are carried to the data by
     the EMA net $\theta^-$ (gradient through its input only); the inner target is the student's own net, stop-gradient.
     Deviations: L2 instead of LPIPS (weights unavailable offline); DSM as flow matching at uniform t with a fixed weight
-    lambda_dsm (instead of EDM's weight and the authors' gradient-norm balance of the two terms).
-    GAN (off by default): Eq. 8, non-saturating, on $x_\text{est} = G_\mathrm{sg}(G_\theta(x_t, t, s), s, 1)$, from step
-    gan_start on; $\lambda = \|\nabla_W L_\text{CTM}\| / (\|\nabla_W L_\text{GAN}\| + 10^{-4})$ clamped to [0, 1e4], W
-    the output conv (Esser et al., arXiv:2012.09841). The paper's critic uses frozen ImageNet feature networks, not
-    available here (and fid.py's Inception would train against the metric): a small patch discriminator with spectral
-    norm (Miyato et al., arXiv:1802.05957) is trained from scratch on pixels instead; one process only.
-    Sampling, gamma-sampling: on $0 = \tau_0 < \dots < \tau_n = 1$ jump from $\tau_k$ to the time of
+    lambda_dsm (instead of EDM's weight and the authors' gradient-norm balance of the two terms). GAN (off by default):
+    Eq. 8, non-saturating, on $x_\text{est} = G_\mathrm{sg}(G_\theta(x_t, t, s), s, 1)$ from step gan_start on, weighted
+    by Esser et al.'s adaptive $\lambda$ (arXiv:2012.09841; adaptive_weight). The paper's critic reads frozen ImageNet
+    feature networks, unavailable here (fid.py's Inception would train against the metric): instead a small patch
+    discriminator with spectral norm (Miyato et al., arXiv:1802.05957), trained from scratch on pixels, in one process.
+    Sampling, gamma-sampling (NFE n: n jumps): on $0 = \tau_0 < \dots < \tau_n = 1$ jump from $\tau_k$ to the time of
     $\sigma' = \sqrt{1 - \gamma^2}\, \sigma(\tau_{k+1})$, then $x_\sigma \mathrel{+}= \gamma\, \sigma(\tau_{k+1})\, z$;
-    $\gamma = 0$ deterministic, 1 CM's sampler.
-    """
+    $\gamma = 0$ deterministic, 1 CM's sampler; the last jump to $\sigma = 0$, unclamped (theirs:
+    $\sigma' = \sqrt{1 - \gamma^2}\, (\sigma - \sigma_\min) + \sigma_\min$, clamped to [-1, 1])."""
     name = "ctm"
     uses_cond, second_scalar = True, "target time s"
     teacher_methods, needs_teacher, init_from_teacher = ("rf",), True, True  # Kim et al. start from the teacher
@@ -1111,28 +1124,24 @@ class CTM(Method):
 
     def __post_init__(self):
         n, k = self.num_scales, self.heun_steps
-        require(isinstance(n, int) and n >= 2, f"num_scales must be an integer >= 2 (the paper: 18), got {n!r}")
-        require(isinstance(k, int) and 1 <= k <= n - 1, f"heun_steps must be in 1 .. num_scales - 1 = {n - 1} (a "
-                                                         f"teacher solve stays on the grid), got {k!r}")
-        require(0.0 <= self.gamma <= 1.0, f"gamma must be in [0, 1] (0: deterministic, 1: CM's), got {self.gamma}")
-        require(self.gan_weight >= 0, f"gan_weight must be >= 0 (0: no GAN term), got {self.gan_weight}")
+        require(isinstance(n, int) and n >= 2, "must be an integer >= 2 (the paper: 18)", self, "num_scales")
+        require(isinstance(k, int) and 1 <= k <= n - 1, f"must be in 1 .. num_scales - 1 = {n - 1} (a teacher solve "
+                                                         f"stays on the grid)", self, "heun_steps")
+        require(0.0 <= self.gamma <= 1.0, "must be in [0, 1] (0: deterministic, 1: CM's)", self, "gamma")
+        require(self.gan_weight >= 0, "must be >= 0 (0: no GAN term)", self, "gan_weight")
         require(isinstance(self.gan_start, int) and self.gan_start >= 0 and self.gan_lr > 0,
-                f"the GAN term needs an integer gan_start >= 0 and gan_lr > 0, got {self.gan_start!r}, {self.gan_lr}")
-        self.times = parse_times(self.times, "--ctm-times")
-        grid = sigma_to_t(karras_sigmas(self.num_scales, self.sigma_min, self.sigma_max, self.rho).flip(0))
-        grid[0], grid[-1] = 0.0, 1.0  # noise and data ends of this file
-        self.grid = grid  # ascending t
+                "the GAN term needs an integer gan_start >= 0 and gan_lr > 0", self, "gan_start", "gan_lr")
+        self.times = parse_times(self, "times")
+        self.grid = sigma_to_t(karras_sigmas(self.num_scales, self.sigma_min, self.sigma_max, self.rho).flip(0))
+        self.grid[0], self.grid[-1] = 0.0, 1.0  # ascending t, its ends moved to this file's noise and data ends
         self.disc = self.disc_opt = None  # built at the first GAN step, on the data's device
         self.disc_pending = {}  # a checkpoint's discriminator state, loaded when the discriminator is built
 
     def state_dict(self):  # training state only: sampling needs the network alone
-        if self.disc is None:
-            return dict(self.disc_pending)
-        return {"disc": self.disc.state_dict(), "disc_opt": self.disc_opt.state_dict(),
-                "disc_channels": self.disc.channels}
+        return dict(self.disc_pending) if self.disc is None else {
+            "disc": self.disc.state_dict(), "disc_opt": self.disc_opt.state_dict(), "disc_channels": self.disc.channels}
 
-    def load_state_dict(self, state):
-        self.disc, self.disc_opt, self.disc_pending = None, None, dict(state)
+    def load_state_dict(self, state): self.disc, self.disc_opt, self.disc_pending = None, None, dict(state)
 
     def discriminator(self, x):
         """The discriminator and its optimiser, built on x's device at the first GAN step."""
@@ -1168,8 +1177,7 @@ class CTM(Method):
         g_gan = torch.autograd.grad(loss_gan, w, retain_graph=True)[0]
         return (g_rec.norm() / (g_gan.norm() + delta)).clamp(0.0, 1e4).detach()
 
-    def G(self, net, x, t, s):
-        r"""$G_\theta(x_t, t, s) = x_t + (s - t)\, u_\theta(x_t, t, s)$ for t, s: (B,)."""
+    def G(self, net, x, t, s):  # G_theta(x_t, t, s) = x_t + (s - t) u_theta(x_t, t, s) for t, s: (B,)
         return x + expand_t(s - t, x) * net(x, TIME_SCALE * t, cond=TIME_SCALE * s)
 
     def teacher_solve(self, x, i, k, teacher=None):
@@ -1182,20 +1190,27 @@ class CTM(Method):
             x = x + h * (v_a + teacher(x + h * v_a, TIME_SCALE * tb)) / 2
         return x
 
+    def sample_indices(self, b, device):
+        """(k, i, j): k teacher steps t -> u, one per batch, p(k) proportional to k; per row t = grid[i] with i
+        uniform such that u = grid[i + k] is on the grid, and s = grid[j] with j uniform in [i + k, num_scales - 1]."""
+        n = self.num_scales
+        k = 1 + int(torch.multinomial(torch.arange(1.0, self.heun_steps + 1, dtype=torch.float64), 1))
+        i = torch.randint(0, n - k, (b,), device=device)
+        j = i + k + (torch.rand(b, device=device) * (n - i - k)).long()
+        return k, i, j
+
     def loss(self, net, x1, x0=None, ema=None, y=None):
         if self.teacher is None:
             raise ValueError("ctm learns from a teacher: set method.teacher (--teacher RUN_DIR, an rf run)")
         y = drop_labels(y, self.label_dropout, self.num_classes)
         raw, net, teacher = net, self.bound(net, y), self.guided_teacher(y)
         x0 = torch.randn_like(x1) if x0 is None else x0
-        b, dev, n = x1.shape[0], x1.device, self.num_scales
+        b, dev = x1.shape[0], x1.device
         target_net = self.bound(ema, y) if ema is not None else net  # theta^-: the EMA (Kim et al.: decay 0.999)
         grid = self.grid.to(dev, x1.dtype)
-        k = int(torch.randint(1, self.heun_steps + 1, ()))  # teacher steps t -> u, one k per batch
-        i = torch.randint(0, n - k, (b,), device=dev)  # t = grid[i], u = grid[i + k] <= 1
-        j = i + k + (torch.rand(b, device=dev) * (n - i - k)).long()  # s uniform on the grid indices in [u, 1]
+        k, i, j = self.sample_indices(b, dev)
         t, u, s = grid[i], grid[i + k], grid[j]
-        ones = torch.ones_like(s)
+        ones = grid[-1].expand_as(s)  # the grid's data end, 1
         x_t = interpolate(x0, x1, t)
         with torch.no_grad():
             target = self.G(target_net, self.G(net, self.teacher_solve(x_t, i, k, teacher), u, s), s, ones)
@@ -1231,24 +1246,22 @@ class PatchDiscriminator(torch.nn.Module):
     to a logit per patch, averaged per image; spectral norm on every convolution keeps it Lipschitz."""
     def __init__(self, channels, width=64):
         super().__init__()
-        nn, sn, w = torch.nn, torch.nn.utils.parametrizations.spectral_norm, width
-        self.channels = channels
+        nn, sn, w, self.channels = torch.nn, torch.nn.utils.parametrizations.spectral_norm, width, channels
         self.layers = nn.Sequential(sn(nn.Conv2d(channels, w, 4, 2, 1)), nn.LeakyReLU(0.2),
                                     sn(nn.Conv2d(w, 2 * w, 4, 2, 1)), nn.LeakyReLU(0.2),
                                     sn(nn.Conv2d(2 * w, 4 * w, 4, 2, 1)), nn.LeakyReLU(0.2),
                                     sn(nn.Conv2d(4 * w, 1, 3, 1, 1)))
 
-    def forward(self, x):
-        return self.layers(x).flatten(1).mean(1)
+    def forward(self, x): return self.layers(x).flatten(1).mean(1)
 
 
 # %% pd: progressive distillation ----------------------------------------------------------------------------------
 @dataclasses.dataclass(eq=False)
 class ProgressiveDistillation(Method):
     r"""Progressive distillation: starting from a trained rectified flow sampled with 2N Euler steps, a student
-    initialised from its teacher learns, at each point i/N of its own grid, the velocity whose single Euler step of
-    size 1/N lands where two consecutive teacher steps of size 1/(2N) land. Each round halves N and the student
-    becomes the next round's teacher, down to end_steps; sampling at NFE n uses the student of the round with N = n.
+    initialised from its teacher learns, at each point i/N of its own grid, the velocity whose single Euler step of size
+    1/N lands where two consecutive teacher steps of size 1/(2N) land. Each round halves N and the student becomes the
+    next round's teacher, down to end_steps; sampling at NFE n uses the student of the round with N = n.
 
     Paper: Salimans, Ho. Progressive Distillation for Fast Sampling of Diffusion Models. ICLR 2022, arXiv:2202.00512.
 
@@ -1259,11 +1272,12 @@ class ProgressiveDistillation(Method):
         $$ \tilde v = (x'' - x_t) / (2h) = (v_T(x_t, t) + v_T(x', t + h)) / 2
            \qquad \text{(one student step lands on } x'') $$
         $$ L = \| v_S(x_t, t) - \mathrm{sg}[\tilde v] \|^2 \qquad \text{(Alg. 2, x-target} \to \text{velocity)} $$
-    A DDIM step of a flow model is an Euler step (along the line through its x0- and x1-predictions), so the
-    paper's two DDIM steps are two Euler steps. Deviations: weight 1 on the velocity error instead of the truncated
-    SNR on the x-error (the endpoint error is this times $1/N^2$ for every t of a round); the loop's EMA is the
-    student, kept at the end of a round (`students`) as the next round's frozen teacher.
-    """
+    A flow model's DDIM step is an Euler step (along the line through its x0- and x1-predictions): the paper's two DDIM
+    steps are two Euler steps. Deviations: weight 1 on the velocity error instead of the truncated SNR on the x-error
+    (the velocity error times $\max(t^2, (1 - t)^2)$; the endpoint error is this times $1/N^2$ for every t of a round);
+    the loop's EMA is the student, kept at a round's end (`students`) as the next round's frozen teacher (the authors'
+    CIFAR-10 config: ema_decay 0); the grid is uniform in this file's t (theirs: in their cosine schedule's); no
+    x-prediction clip at sampling (their eval_clip_denoised); the CIFAR-10 config starts from 8192 teacher steps."""
     name = "pd"
     teacher_methods, needs_teacher, init_from_teacher = ("rf", "reflow"), True, True  # Alg. 2: from the teacher
     state_for_sampling = True  # a student per NFE
@@ -1275,18 +1289,17 @@ class ProgressiveDistillation(Method):
 
     def __post_init__(self):
         for key in ("start_steps", "end_steps", "round_steps"):
-            require(isinstance(getattr(self, key), int) and getattr(self, key) >= 1,
-                    f"{key} must be an integer >= 1, got {getattr(self, key)!r}")
+            require(isinstance(getattr(self, key), int) and getattr(self, key) >= 1, "must be an integer >= 1", self,
+                    key)
         ratio = self.start_steps // self.end_steps
         require(not (self.start_steps % self.end_steps or ratio < 2 or ratio & (ratio - 1)),
-                f"start_steps / end_steps must be a power of two >= 2 (each round halves the steps), got "
-                f"{self.start_steps} / {self.end_steps}")
+                "start_steps / end_steps must be a power of two >= 2 (each round halves the steps)", self,
+                "start_steps", "end_steps")
         self.rounds = [self.start_steps >> k for k in range(1, int(math.log2(ratio)) + 1)]  # N of round 1, 2, ...
         self.students = {}  # str(N) -> state dict of the finished student of that round
         self.round, self._first_teacher = -1, None
 
-    def default_steps(self):
-        return len(self.rounds) * self.round_steps
+    def default_steps(self): return len(self.rounds) * self.round_steps
 
     def check_nfe(self, nfe):
         if nfe not in self.rounds:
@@ -1320,14 +1333,9 @@ class ProgressiveDistillation(Method):
         sd = self.students.get(str(nfe))
         return ema if sd is None else self.frozen(ema, sd)
 
-    def state_dict(self):
-        return {"students": self.students}
-
-    def load_state_dict(self, state):
-        self.students = dict(state["students"])
-
-    def velocity(self, net, x, t):
-        return net(x, TIME_SCALE * t)
+    def state_dict(self): return {"students": self.students}
+    def load_state_dict(self, state): self.students = dict(state["students"])
+    def velocity(self, net, x, t): return net(x, TIME_SCALE * t)
 
     def target(self, teacher, xt, t, n):
         r"""$\tilde v = (v_T(x_t, t) + v_T(x', t + h)) / 2$, $h = 1/(2n)$."""
@@ -1361,8 +1369,8 @@ class ProgressiveDistillation(Method):
 @dataclasses.dataclass(eq=False)
 class LD3(Method):
     r"""LD3 (learning to discretise): for each NFE n, the n + 1 time points of an Euler solver of a trained rectified
-    flow (the teacher, kept fixed) and the n times fed to its network are fitted so that the n-step solution matches
-    the teacher's many-step one from the same noise (each noise may move inside a small ball). No network trains.
+    flow (the teacher, kept fixed) and the n times fed to its network are fitted so that the n-step solution matches the
+    teacher's many-step one from the same noise (each noise may move inside a small ball). No network trains.
 
     Paper: Tong, Nguyen-Tang, Tran, Luong, Dinh, Nguyen, Le, Bui. Learning to Discretize Denoising Diffusion ODEs.
     ICLR 2025, arXiv:2405.15506.
@@ -1374,16 +1382,18 @@ class LD3(Method):
         $$ x_{i+1} = x_i + (t_{i+1} - t_i)\, v(x_i, s_i) \qquad \text{(Euler, } n \text{ network calls)} $$
         $$ L = E_i \min_{\|x_0' - x_{0,i}\| \le r} d(\Psi_\xi(x_0'), \Psi^*(x_{0,i}))
            \qquad \text{(Tong et al. Eq. 8, slack)} $$
-    (the paper integrates EDM's sigma or logSNR the other way). $\Psi^*$ is the teacher's teacher_steps-step Euler
+    (the paper integrates EDM's sigma or logSNR the other way). $\Psi^*$: the teacher's teacher_steps-step Euler
     solution from num_pairs noises drawn once; $r = \text{slack}\, D / n^2$ ($D = C H W$). As the authors' trainer.py:
-    each step moves each batch noise by one SGD step of size 12 / n, projected into its ball, kept where its loss went
-    down; RMSprop (lr_time, momentum 0.9) on $\xi$, SGD (lr_shift / n) on $\eta$, gradients clipped to norm 1; the first
-    phase1_epochs epochs learn $\xi$ only. Deviations: d is the per-pixel squared error (the authors' "L2"; LPIPS needs
-    VGG weights, not available offline); shift_first (not the authors'): $s_0 = \mathrm{clip}(\eta_0, 0, w)$, so that
-    NFE 1 has a parameter; no validation set with patience-based decay: the last parameters are used. Class-conditional
-    runs: the pairs take labels in turn, the teacher's solution and the fitted solver are guided at `guidance` (a guided
-    step costs 2 NFE: NFE n fits n / 2 steps).
-    """
+    each step moves each batch noise by a slack_step; RMSprop (lr_time, momentum 0.9) on $\xi$, SGD (lr_shift / n) on
+    $\eta$, gradients clipped to norm 1; the first phase1_epochs epochs learn $\xi$ only. Deviations: d is the per-pixel
+    MSE (the authors' "L2"; LPIPS needs VGG weights, unavailable offline); shift_first (not the authors'):
+    $s_0 = \mathrm{clip}(\eta_0, 0, w)$, giving NFE 1 a parameter; no validation set with patience-based decay: the last
+    parameters are used. The decoupled step: the authors turn every model into a noise prediction at $s_i$ and keep the
+    schedule's coefficients at $t_i$: $x_i + (t_{i+1} - t_i)(s_i / t_i)\, v(x_i, s_i)$ on this path ($\alpha = t$,
+    $\sigma = 1 - t$); here the drift v is taken at $s_i$, as their Euler on EDM's $\sigma$ takes
+    $dx/d\sigma = \hat\epsilon$ at the shifted input: $s_i / t_i$ is 0/0 at $t_0 = 0$, this grid's start (theirs stop
+    short of pure noise), infinite with shift_first; at $s_i = t_i$ both are one Euler step. Labelled runs: pairs take
+    labels in turn; the teacher's solution and the fitted solver are guided at `guidance` (NFE n: n/2 guided steps)."""
     name = "ld3"
     teacher_methods, needs_teacher, init_from_teacher = ("rf", "reflow"), True, True  # the network stays the teacher's
     state_for_sampling = True  # learned time grids
@@ -1404,32 +1414,27 @@ class LD3(Method):
 
     def __post_init__(self):
         self.nfes = tuple(sorted(set(self.nfes)))
-        require(self.nfes and all(isinstance(n, int) and n >= 1 for n in self.nfes),
-                f"nfes must be a list of integers >= 1, got {self.nfes!r}")
+        require(self.nfes and all(isinstance(n, int) and n >= 1 for n in self.nfes), "NFEs must be integers >= 1",
+                self, "nfes")
         require(self.guidance == 1 or all(n % 2 == 0 for n in self.nfes),
                 f"ld3 with guidance {self.guidance:g}: each step runs the teacher on the labelled and the null branch "
-                f"(2 NFE), so its NFEs must be even, got {self.nfes}; pass --nfe 2 4")
+                f"(2 NFE), so its NFEs must be even; pass --nfe 2 4", self, "nfes", "guidance")
         for key in ("num_pairs", "batch_size", "epochs", "teacher_steps"):
-            require(isinstance(getattr(self, key), int) and getattr(self, key) >= 1,
-                    f"{key} must be an integer >= 1, got {getattr(self, key)!r}")
-        require(0 <= self.phase1_epochs <= self.epochs,
-                f"phase1_epochs must be in [0, epochs = {self.epochs}], got {self.phase1_epochs!r}")
-        require(0 <= self.win_rate <= 0.5, f"win_rate must be in [0, 0.5] (decoupled times stay between their "
-                                            f"neighbours), got {self.win_rate!r}")
-        require(self.slack >= 0, f"slack must be >= 0 (0: no slack), got {self.slack!r}")
+            require(isinstance(getattr(self, key), int) and getattr(self, key) >= 1, "must be an integer >= 1", self,
+                    key)
+        require(0 <= self.phase1_epochs <= self.epochs, f"must be in [0, epochs = {self.epochs}]", self,
+                "phase1_epochs")
+        require(0 <= self.win_rate <= 0.5, "must be in [0, 0.5] (decoupled times stay between their neighbours)",
+                self, "win_rate")
+        require(self.slack >= 0, "must be >= 0 (0: no slack)", self, "slack")
         # xi: logits of the n step sizes (zeros: the uniform grid, i.e. rf's sampler); eta: decoupled offsets.
         self.grid = torch.nn.ParameterDict({f"{k}{n}": torch.nn.Parameter(torch.zeros(self.steps(n)))
                                             for n in self.nfes for k in ("xi", "eta")})
         self.pairs, self.latents, self.step, self._pending = None, None, 0, []
 
-    def steps(self, nfe):  # solver steps at an NFE: a guided step costs 2
-        return nfe // 2 if self.guidance != 1 else nfe
-
-    def steps_per_epoch(self):
-        return math.ceil(self.num_pairs / self.batch_size)
-
-    def default_steps(self):
-        return self.epochs * self.steps_per_epoch()
+    def steps(self, nfe): return nfe // 2 if self.guidance != 1 else nfe  # solver steps: a guided step costs 2 NFE
+    def steps_per_epoch(self): return math.ceil(self.num_pairs / self.batch_size)
+    def default_steps(self): return self.epochs * self.steps_per_epoch()
 
     def check_nfe(self, nfe):
         if nfe not in self.nfes:
@@ -1456,8 +1461,7 @@ class LD3(Method):
         self.check_nfe(nfe)
         return self.solve(Guided(net, y, self.num_classes, self.guidance), noise, nfe)
 
-    def on_step(self, step, net, ema):
-        self.step = step  # the batch and the phase are functions of the step (a resumed run continues exactly)
+    def on_step(self, step, net, ema): self.step = step  # batch and phase: functions of the step (exact resume)
 
     def batch_indices(self, step):
         """Pairs of `step`: epoch e is a permutation seeded by (seed, e), cut into batches (the last one smaller)."""
@@ -1465,8 +1469,7 @@ class LD3(Method):
         perm = torch.randperm(self.num_pairs, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + e))
         return perm[j * self.batch_size:(j + 1) * self.batch_size]
 
-    def per_sample_distance(self, x, y):
-        return (x - y).float().pow(2).flatten(1).mean(1)  # d: per-pixel mean squared error
+    def per_sample_distance(self, x, y): return (x - y).float().pow(2).flatten(1).mean(1)  # d: per-pixel MSE
 
     def loss(self, net, x1, x0=None, ema=None, y=None):
         """Sum over the NFEs of the batch-mean distance. net, x1's values and x0 are not used: the flow is
@@ -1517,8 +1520,7 @@ class LD3(Method):
         self.grid.to(next(net.parameters()).device)
         return LD3Optimizer(self)
 
-    def state_dict(self):
-        return {"grid": self.grid.state_dict(), "pairs": self.pairs, "latents": self.latents}
+    def state_dict(self): return {"grid": self.grid.state_dict(), "pairs": self.pairs, "latents": self.latents}
 
     def load_state_dict(self, state):
         self.grid.load_state_dict(state["grid"])
@@ -1526,9 +1528,7 @@ class LD3(Method):
 
 
 class LD3Optimizer:
-    r"""RMSprop on $\xi$, SGD on $\eta$ (from phase1_epochs on), clipped to norm 1, then the slack step; no
-    param_groups: the runner's lr schedule does not apply."""
-
+    r"""LD3's optimiser (its docstring) and slack step; no param_groups: the runner's lr schedule does not apply."""
     param_groups = ()
 
     def __init__(self, method):
@@ -1552,8 +1552,7 @@ class LD3Optimizer:
             self.sgd.step()
         m.slack_step()
 
-    def state_dict(self):
-        return {"rms": self.rms.state_dict(), "sgd": self.sgd.state_dict()}
+    def state_dict(self): return {"rms": self.rms.state_dict(), "sgd": self.sgd.state_dict()}
 
     def load_state_dict(self, state):
         self.rms.load_state_dict(state["rms"])
@@ -1562,24 +1561,23 @@ class LD3Optimizer:
 
 # %% dmd2: distribution matching distillation ----------------------------------------------------------------------
 class FeatureHead(torch.nn.Module):
-    """dmd2's classifier on the fake score's bottleneck: conv 4x4 stride 2, GroupNorm, SiLU, 1x1 conv to a logit
-    per position, averaged per image."""
+    """dmd2's classifier on the fake score's bottleneck: conv 4x4 stride 2, GroupNorm, SiLU, 1x1 conv to a logit per
+    position, averaged per image."""
     def __init__(self, channels):
         super().__init__()
         nn = torch.nn
         self.layers = nn.Sequential(nn.Conv2d(channels, channels, 4, 2, 1), nn.GroupNorm(min(32, channels), channels),
                                     nn.SiLU(), nn.Conv2d(channels, 1, 1))
 
-    def forward(self, h):
-        return self.layers(h.float()).flatten(1).mean(1)
+    def forward(self, h): return self.layers(h.float()).flatten(1).mean(1)
 
 
 @dataclasses.dataclass(eq=False)
 class DMD2(Method):
-    r"""DMD2: a generator started from a flow teacher is trained so that its samples' distribution matches the data:
-    the gradient is the difference of two denoisers at re-noised generator samples, the teacher's (the data's
-    score) and that of a fake-score network trained online by flow matching on the generator's own samples; a GAN
-    term through a classifier head on the fake network's features adds real data. No regression loss.
+    r"""DMD2: a generator started from a flow teacher is trained so that its samples' distribution matches the data: the
+    gradient is the difference of two denoisers at re-noised generator samples, the teacher's (the data's score) and
+    that of a fake-score network trained online by flow matching on the generator's own samples; a GAN term through a
+    classifier head on the fake network's features adds real data. No regression loss.
 
     Paper: Yin, Gharbi, Park, Zhang, Shechtman, Durand, Freeman. Improved Distribution Matching Distillation for Fast
     Image Synthesis. NeurIPS 2024, arXiv:2405.14867. Yin, Gharbi, Zhang, Shechtman, Durand, Freeman, Park. One-step
@@ -1596,38 +1594,42 @@ class DMD2(Method):
         $$ L_\text{fake} = \| v_\text{fake}(x_t, t) - (\mathrm{sg}\, \hat x - n) \|^2
            + \text{cls_weight}\, [\mathrm{softplus}(h(\phi(x_t))) + \mathrm{softplus}(-h(\phi(x_{1,t'})))] $$
     Why: the score of $x_t$'s law is $(t D(x_t) - x_t) / (1 - t)^2$, so
-    $s_\text{real} - s_\text{fake} = t (D_\text{real} - D_\text{fake}) / (1 - t)^2$, and -grad is the KL's descent
-    direction up to that positive factor of t. Two time-scale rule: fake_updates fake-score steps (fresh generator
-    samples each, its own AdamW) per generator step. The fake network and the head start from the teacher and from
-    scratch; the head reads the fake network's middle block (DMD2 Sec. 4.3), so the GAN needs no external backbone.
-    Multistep (Sec. 4.4): the generator is trained at the times of the grids k / n of the run's NFEs, its input at t_k
-    made by backward simulation (the generator's own chain from noise, re-noised to t_k: what it meets at sampling), not
-    by noising real images. Sampling: $\hat x = G(x, t_0)$; $x = (1 - t_{k+1})\, n + t_{k+1} \hat x$; ...
-    (NFE n: n calls). Deviations: t ~ uniform (the paper's timesteps 20..980 of 1000), the fake steps reuse the
-    generator step's real batch for the GAN's real side.
-    """
+    $s_\text{real} - s_\text{fake} = t (D_\text{real} - D_\text{fake}) / (1 - t)^2$: -grad is the KL's descent direction
+    up to that positive factor. Two time-scale rule: fake_updates fake-score steps (fresh generator samples each, its
+    own AdamW) per generator step. The fake network starts from the teacher, the head from scratch; the head reads the
+    fake network's middle block (DMD2 Sec. 4.3), so the GAN needs no external backbone. Multistep (Sec. 4.4): the
+    generator trains at the times of the grids k / n of the run's NFEs, its input at t_k made by backward simulation
+    (its own chain from noise, re-noised to t_k: what it meets at sampling), not by noising real images. Sampling:
+    $\hat x = G(x, t_0)$; $x = (1 - t_{k+1})\, n + t_{k+1} \hat x$; ... (NFE n: n calls). Deviations (against
+    tianweiy/DMD2's EDM code), what they do / what we do / why:
+    - gradient times: EDM's Karras levels 20..980 of 1000 / t ~ U[t_min, t_max] / the rf teacher's uniform time;
+    - fake-score loss: x0 error weighted by EDM's $1/\sigma^2 + 1/\sigma_d^2$ / flow matching (x0 error weighted by
+      $1/(1 - t)^2$) / each the teacher's own loss: the fake score, a teacher copy, learns as it did;
+    - fake-score times: all 1000 levels / [t_min, t_max] / where the gradient reads the fake score;
+    - the normaliser: mean|x - D_real| and nan_to_num after / mean|x - D_real| + 1e-6 / the same but at an exact 0;
+    - one-step start: $\sigma_\max = 80$ (t = 1/81) / t = 0 / this file's path starts from pure noise;
+    - GAN's real side: a fresh real batch per fake step / the step's batch for all fake steps / the runner gives one."""
     name = "dmd2"
     teacher_methods, needs_teacher, init_from_teacher = ("rf", "reflow"), True, True
     nfes: tuple = option((1, 2, 4), "NFEs whose grids k / n the generator trains on", flag="--nfe")
-    fake_updates: int = option(5, "fake-score updates per generator update (two time-scale rule)",
-                               flag="--dmd-fake-updates")
+    fake_updates: int = option(5, "fake-score steps per generator step (two-timescale rule)", flag="--dmd-fake-updates")
     fake_lr: float = option(None, "the fake score's AdamW rate (default: the run's --lr)", flag="--dmd-fake-lr")
     t_min: float = option(0.02, "smallest re-noising time", flag="--dmd-t-min")
     t_max: float = option(0.98, "largest re-noising time", flag="--dmd-t-max")
     gan_weight: float = option(3e-3, "weight of the generator's GAN term, 0 = off", flag="--dmd-gan-weight")
-    cls_weight: float = option(1e-2, "weight of the head's classification loss in the fake update",
-                               flag="--dmd-cls-weight")
+    cls_weight: float = option(1e-2, "weight of the head's classifier loss in the fake update", flag="--dmd-cls-weight")
     guidance: float = option(1.0, TEACHER_GUIDANCE, flag="--guidance")
 
     def __post_init__(self):
         self.nfes = tuple(sorted(set(self.nfes)))
-        require(self.nfes and all(isinstance(n, int) and n >= 1 for n in self.nfes),
-                f"nfes must be integers >= 1, got {self.nfes!r}")
-        require(isinstance(self.fake_updates, int) and self.fake_updates >= 1,
-                f"fake_updates must be an integer >= 1 (the paper: 5), got {self.fake_updates!r}")
-        require(0 < self.t_min < self.t_max < 1, f"need 0 < t_min < t_max < 1, got {self.t_min}, {self.t_max}")
-        require(self.gan_weight >= 0 and self.cls_weight >= 0, "gan_weight and cls_weight must be >= 0")
-        require(self.fake_lr is None or self.fake_lr > 0, f"fake_lr must be > 0, got {self.fake_lr!r}")
+        require(self.nfes and all(isinstance(n, int) and n >= 1 for n in self.nfes), "NFEs must be integers >= 1",
+                self, "nfes")
+        require(isinstance(self.fake_updates, int) and self.fake_updates >= 1, "must be an integer >= 1 (the paper: 5)",
+                self, "fake_updates")
+        require(0 < self.t_min < self.t_max < 1, "need 0 < t_min < t_max < 1", self, "t_min", "t_max")
+        require(self.gan_weight >= 0 and self.cls_weight >= 0, "gan_weight and cls_weight must be >= 0", self,
+                "gan_weight", "cls_weight")
+        require(self.fake_lr is None or self.fake_lr > 0, "must be > 0", self, "fake_lr")
         self.grid = sorted({k / n for n in self.nfes for k in range(n)})  # the generator's input times
         self.fake = self.head = self.fake_opt = None  # built at the first step from the teacher
         self.fake_pending, self.lr, self._feat = {}, 1e-3, None
@@ -1639,8 +1641,7 @@ class DMD2(Method):
 
     @staticmethod
     def denoise(net, x_t, t):
-        r"""$x_t + (1 - t)\, v(x_t, t)$: a flow net's data prediction (the generator's output; the teacher's
-        $E[x_1 | x_t]$)."""
+        r"""$x_t + (1 - t)\, v(x_t, t)$: a flow net's data prediction (generator output; teacher: $E[x_1 | x_t]$)."""
         return x_t + expand_t(1 - t, x_t) * net(x_t, TIME_SCALE * t)
 
     def simulate(self, net, noise, k):
@@ -1691,18 +1692,15 @@ class DMD2(Method):
         return self.fake, self.head
 
     def state_dict(self):
-        if self.fake_opt is None:
-            return dict(self.fake_pending)
-        return {"fake": self.fake.state_dict(), "fake_opt": self.fake_opt.state_dict(),
-                **({"head": self.head.state_dict()} if self.head is not None else {})}
+        return dict(self.fake_pending) if self.fake_opt is None else {
+            "fake": self.fake.state_dict(), "fake_opt": self.fake_opt.state_dict(),
+            **({"head": self.head.state_dict()} if self.head is not None else {})}
 
     def load_state_dict(self, state):
-        self.fake = self.head = self.fake_opt = None
-        self.fake_pending = dict(state)
+        self.fake, self.head, self.fake_opt, self.fake_pending = None, None, None, dict(state)
 
     def renoise(self, x):
-        t = self.t_min + (self.t_max - self.t_min) * torch.rand(len(x), device=x.device)
-        n = torch.randn_like(x)
+        t, n = self.t_min + (self.t_max - self.t_min) * torch.rand(len(x), device=x.device), torch.randn_like(x)
         return interpolate(n, x, t), t, n
 
     def fake_loss(self, fake, head, x_hat, x1):  # fake: the fake score with the batch's labels bound

@@ -48,7 +48,6 @@ import io
 import os
 import pickle
 import re
-import sys
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -791,7 +790,7 @@ def compute_fid(a, b, mode="clean", batch_size=DEFAULT_BATCH_SIZE, device=None, 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="FID between two image folders / .npz statistics files.")
+    p = rundir.ArgumentParser(description="FID between two image folders / .npz statistics files.")
     p.add_argument("paths", nargs="+", help="DIR_OR_NPZ [DIR_OR_NPZ]")
     p.add_argument("--mode", choices=MODES, default="clean", help="clean = clean-fid (default), legacy = pytorch-fid")
     p.add_argument("--batch-size", type=rundir.positive_int, default=DEFAULT_BATCH_SIZE,

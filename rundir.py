@@ -1,9 +1,10 @@
 """Run directories: user errors, device, atomic checkpoints, RNG state, config, metrics and plots.
 
 Every script imports this module for what a command and its run directory need, so that each convention is defined
-once: the errors a user can fix (UsageError and its kinds, printed by run_cli as one line with exit status 2), a
-training loss that turned NaN or inf (NonFiniteLoss, check_finite), the argparse validators of numeric options
-(positive_int, ...), --device, --out, --seed, and the files of a run.
+once: the errors a user can fix (UsageError and its kinds, printed by run_cli as one line with exit status 2; a full
+disk or an I/O error is one of them, disk_error), a training loss that turned NaN or inf (NonFiniteLoss,
+check_finite), the argparse validators of numeric options (positive_int, ...), --device, --out (check_out_dir, one
+check for every script), --seed, and the files of a run, with the lock that keeps a second process out (RunLock).
 
 Time convention: no time variable lives in this file.
 
@@ -17,6 +18,7 @@ data.py, so any of them can import it.
 """
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -53,6 +55,37 @@ class DeviceUnavailable(UsageError, RuntimeError):
     """--device names a device this machine or this torch build does not have."""
 
 
+class RunDirError(UsageError, RuntimeError):
+    """A file of a run cannot be written (a full disk, an I/O error) or read back (damaged), or another process is
+    using the run directory. The message names the file and what to do; the last checkpoint is intact, so
+    rerunning the command resumes from it."""
+
+
+# errnos of a write that failed because of the disk, not of the program: said in one line (disk_error)
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
+
+
+def disk_error(e, path=None):
+    """A RunDirError for an OSError `e` of the disk (DISK_ERRNOS) while `path` was written, else None."""
+    if not isinstance(e, OSError) or e.errno not in DISK_ERRNOS:
+        return None
+    path = path or e.filename
+    fix = ("free space on that disk" if e.errno in (errno.ENOSPC, errno.EDQUOT) else
+           "check the disk (dmesg)" if e.errno == errno.EIO else "make the file system writable")
+    return RunDirError(f"cannot write {path or 'a file'} ({e.strerror}); the files written before it are intact: "
+                       f"{fix} and rerun the command (a training run resumes from its last checkpoint)")
+
+
+def remove_empty_made():
+    """Remove the folders make_out_dir created that are still empty, innermost first (a refused command leaves
+    nothing behind); a folder that holds anything stays."""
+    while _MADE:
+        try:
+            _MADE.pop().rmdir()
+        except OSError:  # not empty, or gone
+            pass
+
+
 class NonFiniteLoss(RuntimeError):
     """The training loss (or the weights) became NaN or inf. Training stops before the bad step reaches the
     optimiser, so the last checkpoint stays good; the message names it and what to change before resuming. run_cli
@@ -81,12 +114,19 @@ def check_finite(loss, step, ckpt_path, lr):
 def run_cli(main, prog=None):
     """Call a script's main(); a UsageError (bad input the user can fix) or a NonFiniteLoss is printed as one line,
     "prog: error: ...", and exits with status 2 as argparse does for a bad option. Any other exception is a bug: it
-    propagates with its traceback."""
+    propagates with its traceback. Folders that make_out_dir made for this command and that stay empty are removed
+    on a refusal."""
+    _MADE.clear()  # only this command's folders
     try:
         return main()
-    except (UsageError, NonFiniteLoss) as e:
+    except (UsageError, NonFiniteLoss, OSError) as e:
+        if isinstance(e, OSError) and not isinstance(e, UsageError):
+            e = disk_error(e)  # a full disk or an I/O error: the user's to fix; any other OSError is a bug
+            if e is None:
+                raise
         prog = prog or Path(sys.argv[0]).name
         print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, however the message wraps
+        remove_empty_made()
         raise SystemExit(2) from None
 
 
@@ -95,7 +135,8 @@ def run_cli(main, prog=None):
 # ----------------------------------------------------------------------------------------------------------------
 
 def _number(cast, ok, expected, must):
-    """An argparse type: cast(s) (int or float) that must satisfy ok; its two errors name what was expected."""
+    """An argparse type: cast(s) (int or float) that must satisfy ok and be finite; its errors name what was
+    expected."""
     def check(s):
         try:
             x = cast(s)
@@ -103,6 +144,8 @@ def _number(cast, ok, expected, must):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {s!r}") from None
         if not ok(x):  # NaN fails every comparison, so it is refused too
             raise argparse.ArgumentTypeError(f"must be {must}, got {x if cast is int else s}")
+        if cast is float and math.isinf(x):  # no flag means anything by it (--lr inf: NaN weights after a step)
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {s}")
         return x
     return check
 
@@ -114,6 +157,28 @@ non_negative_float = _number(float, lambda x: x >= 0, "a number >= 0", ">= 0")  
 share_arg = _number(float, lambda x: 0.0 <= x <= 1.0, "a share in [0, 1]", "a share in [0, 1]")  # both ends in
 # [0, 1), 1 excluded: an EMA decay (1 would never move the average), sigma_min of a flow path
 below_one_arg = _number(float, lambda x: 0.0 <= x < 1.0, "a number in [0, 1)", "in [0, 1)")
+# --seed: numpy's range (np.random.seed refuses the rest), which torch's generators take too, times the scripts' offsets
+seed_arg = _number(int, lambda n: 0 <= n < 2**32, "an integer in [0, 2**32)", "in [0, 2**32)")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with its errors in one line, like every other bad input ("prog: error: ...", status 2):
+    argparse's own error() prints the whole usage first, a dozen lines for some scripts. Subcommands inherit it."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (python {self.prog} --help lists the "
+                     f"options)\n")
+
+
+def check_image_size(size, halvings, net, typed=True):
+    """Refuse an image size that a U-Net halving the image `halvings` times cannot take (the size must divide by
+    2^halvings); the message names the sizes that work. typed: the size came from --image-size, not the data."""
+    factor = 2 ** halvings
+    if size % factor:
+        lo = size - size % factor
+        what = f"--image-size {size}" if typed else f"the data's {size}x{size} images"
+        raise UsageError(f"{what}: {net} halves the image {halvings} times, so the size must be a multiple of "
+                         f"{factor}: pass --image-size " + (f"{lo} or {lo + factor}" if lo else f"{factor}"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -129,24 +194,94 @@ def get_device(name="auto"):
         device = torch.device(name)
     except RuntimeError:  # torch's message lists dozens of backends; ours names the three that make sense here
         raise DeviceUnavailable(f"unknown --device {name!r}; use auto, cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):  # mps, meta, xpu, ...: torch parses them; these scripts run on neither
+        raise DeviceUnavailable(f"--device {name}: these scripts run on auto, cpu or cuda; use one of those")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceUnavailable(f"--device {name} was asked for, but torch.cuda.is_available() is False (no GPU or a "
                                 f"CPU-only torch build); use --device cpu or --device auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DeviceUnavailable(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), numbered from "
+                                f"0; use --device cuda or cuda:N with a smaller N")
     return device
 
 
-def make_out_dir(path, option="--out"):
-    """Create the folder `path` (and its parents) and check that a file can be written in it, so that a typo or a
-    read-only place fails at once with a UsageError instead of after minutes of training or sampling."""
+def check_out_dir(path, option="--out"):
+    """Refuse a `path` that cannot become a folder this process writes to, before anything runs; creates nothing.
+
+    Caught: a regular file at the path or on its way (afile, afile/sub, /dev/null/x); a place where the file system
+    makes no folder (/proc/x: permissions do not stop root, the file system does); a read-only file system; a full
+    disk (a probe of a few KiB is written and fsynced in the nearest existing folder, then vanishes). Every refusal
+    is one UsageError naming the path, the cause and the fix.
+    :return: the path (expanduser).
+    """
     path = Path(path).expanduser()
+    there = path
+    while not os.path.lexists(there) and there != there.parent:  # the nearest part of the path that exists
+        there = there.parent
+    if not there.is_dir():
+        why = "it is a file" if there == path else f"{there} is a file, not a folder"
+        raise UsageError(f"cannot write to {option} {path} ({why}); pass a folder you can write to")
     try:
+        with tempfile.TemporaryFile(dir=there) as f:  # O_TMPFILE where supported: no name ever appears
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())  # a full disk may only say so here
+    except OSError as e:
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        where = f"{os.path.abspath(there)} takes no new files: " if there != path else ""
+        raise UsageError(f"cannot write to {option} {path} ({where}{e.strerror or type(e).__name__}); "
+                         + ("free space on that disk or pass a folder on another" if full
+                            else "pass a folder you can write to")) from None
+    return path
+
+
+_MADE = []  # folders make_out_dir created in this process: run_cli removes those a refusal left empty
+
+
+def make_out_dir(path, option="--out"):
+    """check_out_dir, then create the folder `path` (and its parents): a typo, a read-only place or a full disk fails
+    at once with a UsageError instead of after minutes of training or sampling. A refusal later in the same command
+    (a missing dataset, a bad --device) then removes the folders made here if they are still empty (run_cli)."""
+    path = check_out_dir(path, option)
+    try:
+        _MADE.extend(reversed([p for p in (path, *path.parents) if not p.exists()]))  # outermost first
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:  # PermissionError, NotADirectoryError (a file on the path), FileExistsError, read-only fs
+    except OSError as e:  # what the probe cannot foresee: a name too long, a race with another process
         raise UsageError(f"cannot write to {option} {path} ({e.strerror or type(e).__name__}); "
                          f"pass a folder you can write to") from None
     return path
+
+
+class RunLock:
+    """An exclusive lock on the run directory `path` (which must exist), held until release() or the end of the
+    process: a second process started on the same --out is refused in one line (RunDirError) instead of both
+    writing one ckpt.pt. It is flock(2) on the folder itself, so no file is written, and the OS releases it
+    however the process ends (an exception, a crash, SIGKILL). Where flock is missing (Windows) or the file system
+    refuses it on a folder (some network file systems), there is no lock."""
+
+    def __init__(self, path, option="--out"):
+        self.fd = None
+        try:
+            import fcntl
+            fd = os.open(path, os.O_RDONLY)
+        except (ImportError, OSError):
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunDirError(f"{option} {path} is in use by another process (training or evaluating there); two "
+                              f"processes writing one run would mix their checkpoints: wait for it to end, or pass "
+                              f"another {option}") from None
+        except OSError:
+            os.close(fd)
+            return
+        self.fd = fd
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor of the open file releases the flock
+            self.fd = None
 
 
 def seed_everything(seed):
@@ -164,16 +299,24 @@ def write_atomic(path, write, mode="wb"):
     """Call write(f) on a temp file in path's directory, flush and fsync it, then os.replace it onto `path`.
     A crash at any moment leaves either the old complete file or the new complete file, never half of one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    except OSError as e:
+        raise disk_error(e, path) or e
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        # torch.save reports a failed write of its zip writer as a RuntimeError; the OSError is its cause
+        cause = e if isinstance(e, OSError) else e.__cause__ or e.__context__
+        error = disk_error(cause, path) if not isinstance(e, UsageError) else None
+        if error is not None:
+            raise error from e
         raise
     try:  # make the rename itself durable (POSIX); not possible on every platform, and harmless to skip
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -280,17 +423,46 @@ def write_config(out_dir, config):
 def log_metrics(out_dir, record):
     """Append `record` (e.g. {"step": 100, "loss": 0.031}) as one JSON line to out_dir/metrics.jsonl."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record, default=_json_default) + "\n")
+    line = json.dumps(record, default=_json_default) + "\n"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(line)
+    except OSError as e:
+        raise disk_error(e, out / "metrics.jsonl") or e
 
 
 def read_metrics(out_dir):
-    """Records of out_dir/metrics.jsonl; after a resume, a repeated step keeps its last record."""
+    """Records of out_dir/metrics.jsonl; after a resume, a repeated step keeps its last record.
+
+    A last line cut short (a process killed in the middle of appending it) is dropped: its step comes after the
+    checkpoint, and a resume does it again. Any other line that is not a JSON record is a RunDirError naming it.
+    """
     path = Path(out_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; log_metrics writes it during training")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RunDirError(f"{path} cannot be read ({e}); delete it (only the loss curve is lost) and rerun") from None
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        try:
+            json.loads(lines[-1])
+        except ValueError:
+            lines.pop()
+    records = []
+    for i, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError as e:
+            raise RunDirError(f"{path}, line {i}, is not a JSON record ({e.msg}): the file is damaged; delete that "
+                              f"line, or the file (only the loss curve is lost), and rerun") from None
+        if record is not None and not isinstance(record, dict):
+            raise RunDirError(f"{path}, line {i}, is not a JSON record (a {type(record).__name__}): the file is "
+                              f"damaged; delete that line, or the file (only the loss curve is lost), and rerun")
+        if record is not None:
+            records.append(record)
     if records and all("step" in r for r in records):
         # a run resumed from an older ckpt.pt logs its steps again; the newer record is the one that counts
         records = sorted({r["step"]: r for r in records}.values(), key=lambda r: r["step"])
@@ -315,8 +487,9 @@ def log_scale_suits(y):
     return bool(len(y)) and bool((y > 0).all()) and y.max() >= 10 * y.min()
 
 
-def plot_metrics(out_dir, keys=("loss",), path=None):
-    """Plot each key of metrics.jsonl against step (raw and smoothed; log y-scale where log_scale_suits).
+def plot_metrics(out_dir, keys=("loss",), path=None, labels=None):
+    """Plot each key of metrics.jsonl against step (raw and smoothed; log y-scale where log_scale_suits), one panel
+    per key present, titled labels[key] where given (what the number is).
 
     :return: path of the PNG (default out_dir/loss.png).
     """
@@ -341,6 +514,8 @@ def plot_metrics(out_dir, keys=("loss",), path=None):
             ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel(key)
+        if key in (labels or {}):
+            ax.set_title(labels[key], fontsize=10)
         ax.grid(alpha=0.3, which="both")
         ax.legend()
     fig.tight_layout()

@@ -34,7 +34,6 @@ Usage:
     python sde_toy.py --out runs/sde_toy --particles 5000 --steps 1000 --seed 0
 """
 
-import argparse
 import math
 import os
 
@@ -381,14 +380,14 @@ def plot_2d(runs, sde, p0, path, times=(0.0, 0.1, 0.2, 0.35, 0.5, 1.0), n_points
 # %% CLI ---------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = rundir.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="output folder; the PNG is written there")
     ap.add_argument("--dim", type=int, default=1, choices=(1, 2), help="1-D (trajectories) or 2-D (scatter) toy")
     ap.add_argument("--particles", type=rundir.positive_int, default=5000,
                     help="particles per process (whole paths are kept: 4 x particles x (steps + 1) x dim floats)")
     ap.add_argument("--steps", type=rundir.positive_int, default=1000,
                     help="integration steps per process, |dt| = 1 / steps")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=rundir.seed_arg, default=0)
     ap.add_argument("--beta-min", type=float, default=0.1)
     ap.add_argument("--beta-max", type=float, default=20.0)
     args = ap.parse_args(argv)

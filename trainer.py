@@ -10,7 +10,8 @@ Time convention: the methods' (fewstep.py): t in [0, 1], t = 0 noise, t = 1 data
 
 A run directory holds config.json (the config below), ckpt.pt (atomic; rerunning the command resumes from it),
 best.pt with --fid-every, metrics.jsonl, loss.png, grids/step*.png (8 fixed noises at each of the run's NFEs),
-samples/nfe=N/*.png, samples_nfeN.png, eval.json and, with --report, report.md.
+samples/nfe=N/*.png, samples_nfeN.png, eval.json and, with --report, report.md. One process at a time writes it:
+rank 0 of a training or evaluating command holds rundir.RunLock on it until the command ends.
 """
 import argparse
 import copy
@@ -53,6 +54,8 @@ DEFAULT_NFES = (1, 2, 4)  # the challenge's NFEs
 # Liu et al. (rectified flow) train with Adam at 2e-4 on CIFAR-10; EMA 0.9999 is the usual choice for U-Net flows
 # at the challenge's scale (Frans et al. use 0.999 with DiTs). Both are options (--lr, --ema-decay).
 DEFAULT_LR, DEFAULT_EMA = 2e-4, 0.9999
+UNWEIGHTED = {"mse": "mse: the unweighted error (the adaptively normalised loss stays near 1 by construction)",
+              "loss": "loss: what the optimiser minimises"}  # loss.png's panel titles
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -67,13 +70,6 @@ def times_arg(spec):
         raise argparse.ArgumentTypeError(f"expected NFE:T1,...,T(NFE-1), e.g. 4:0.25,0.5,0.75, got {spec!r}")
 
 
-class Parser(argparse.ArgumentParser):
-    """An argparse error in one line (`fewstep.py: error: ...`, status 2) like every other bad input."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (python {self.prog} --help lists the options)\n")
-
-
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """--help with each option's default where it has one; None means "not given" (a new run's default, or the
     resumed run's own), and a help text that states its default already gets no second one."""
@@ -85,6 +81,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{h} (default: {action.default})"
 
 
+def field_flag(f):
+    """The command-line flag of a method option (a dataclass field): its `flag` metadata, else --name-with-dashes."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
 def method_flags(methods):
     """{flag: {"dest": argparse's name, "fields": {method name: dataclasses.Field}}}: each option of each method once,
     keyed by its flag (the field's `flag` metadata, default --name-with-dashes). Methods that share a flag share it."""
@@ -93,7 +94,7 @@ def method_flags(methods):
         for f in dataclasses.fields(cls):
             if f.name in cls.not_options:  # an inherited field this method does not use (imf: meanflow's kappa)
                 continue
-            flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+            flag = field_flag(f)
             entry = flags.setdefault(flag, {"dest": "m_" + flag.lstrip("-").replace("-", "_"), "fields": {}})
             entry["fields"][name] = f
     return flags
@@ -125,7 +126,7 @@ def add_method_options(group, flags):
 
 def parse_args(methods, argv=None):
     doc = inspect.getmodule(next(iter(methods.values()))).__doc__ or ""
-    p = Parser(prog="fewstep.py", description=doc.split("\n")[0], formatter_class=HelpFormatter)
+    p = rundir.ArgumentParser(prog="fewstep.py", description=doc.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--method", default=None, help=f"one of {', '.join(methods)} (default: rf, or the run's)")
     p.add_argument("--nfe", "--ld3-nfe", dest="nfe", type=int, nargs="+", default=None,
                    help="the run's NFEs: a new run trains its per-NFE grids at them (meanflow/imf --grid-share, ld3) "
@@ -140,7 +141,7 @@ def parse_args(methods, argv=None):
                         "of classifier-free guidance (new run: 0.1)")
     p.add_argument("--samples-per-class", type=rundir.positive_int, default=None,
                    help="class-conditional runs: the scored set has this many samples of every class (default 20, "
-                        "as the course's evaluate.py), instead of --num-samples")
+                        "as the course's evaluate.py); or give --num-samples")
     p.add_argument("--image-size", type=rundir.positive_int, default=None, help="resize the data (default: its own)")
     p.add_argument("--channels", type=int, choices=(1, 3), default=None, help="1 or 3 (default: the data's)")
     p.add_argument("--arch", "--preset", dest="arch", default=None, choices=sorted(unet.PRESETS),
@@ -150,28 +151,30 @@ def parse_args(methods, argv=None):
     p.add_argument("--minutes", type=rundir.positive_float, default=None, help="stop this invocation after this long")
     p.add_argument("--batch-size", type=rundir.positive_int, default=None, help="global batch (all ranks together)")
     p.add_argument("--lr", type=rundir.positive_float, default=None, help=f"peak learning rate (new run: {DEFAULT_LR})")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup", type=int, default=500, help="linear learning-rate warmup steps")
+    p.add_argument("--weight-decay", type=rundir.non_negative_float, default=0.0)
+    p.add_argument("--warmup", type=rundir.non_negative_int, default=500,
+                   help="linear learning-rate warmup steps (0: none)")
     p.add_argument("--lr-decay", type=rundir.share_arg, default=None, metavar="F",
                    help="learning rate falls linearly to 0 over the last share F of the run (--steps or --minutes, "
                         "whichever ends first); new run: 0, constant after the warmup")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off")
+    p.add_argument("--grad-clip", type=rundir.non_negative_float, default=1.0, help="max gradient norm, 0 = off")
     p.add_argument("--ema-decay", type=float, default=None, help=f"EMA decay (new run: {DEFAULT_EMA})")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="bf16 autocast on CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the training network")
-    p.add_argument("--num-samples", "--fid", dest="num_samples", type=rundir.positive_int, default=1000,
-                   help="samples per NFE, written and scored (--fid N as in the other scripts)")
+    p.add_argument("--num-samples", "--fid", dest="num_samples", type=rundir.positive_int, default=None,
+                   help="samples per NFE, written and scored (--fid N as in the other scripts; default 1000; a "
+                        "class-conditional run rounds it to whole classes)")
     p.add_argument("--eval-batch-size", type=rundir.positive_int, default=250)
     p.add_argument("--teacher", default=None, help="RUN_DIR of a trained rf run (reflow, pd, ld3, ctm; optional "
                                                    "for cm)")
     p.add_argument("--out", default=None, help="run directory (default runs/<method>-<data>)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=rundir.seed_arg, default=0)
     p.add_argument("--fid-ref", default=None, help="FID reference: data spec, folder or .npz statistics "
                                                    "(default: the held-out split of --data)")
     p.add_argument("--no-fid", action="store_true", help="write samples and grids, do not score")
-    p.add_argument("--fid-every", type=int, default=0, help="FID at the run's smallest NFE every N steps; best.pt "
-                                                            "keeps the best")
+    p.add_argument("--fid-every", type=rundir.non_negative_int, default=0,
+                   help="FID at the run's smallest NFE every N steps; best.pt keeps the best")
     p.add_argument("--eval-only", action="store_true", help="evaluate an existing run (its ckpt.pt), no training")
     p.add_argument("--report", action="store_true", help="write RUN/report.md (the challenge's write-up)")
     p.add_argument("--methods-table", action="store_true", help="print README's method table (from the "
@@ -219,14 +222,45 @@ def check_options_belong(methods, name, args):
             raise UsageError(f"{flag} is an option of {', '.join(entry['fields'])}, not of {name}; drop it")
 
 
-def make_method(methods, name, kwargs):
-    """methods[name](**kwargs), its option errors as one-line user errors."""
+def make_method(methods, name, kwargs, given=()):
+    """methods[name](**kwargs), its option errors as one-line user errors; given: the options the user typed, which
+    an error names by flag and value (`--nfe 0: ...`), whatever field the method keeps them in."""
     if name not in methods:
         raise UsageError(f"unknown method {name!r}; choose one of {', '.join(methods)}")
     try:
         return methods[name](**kwargs)
     except (TypeError, ValueError) as e:
-        raise UsageError(f"--method {name}: {e}")
+        if not hasattr(e, "why"):  # not an option check (fewstep.require)
+            raise UsageError(f"--method {name}: {e}") from None
+        raise UsageError(option_error(methods[name], e, kwargs, given)) from None
+
+
+def flag_value(flag, v, default=None):
+    """`--flag value` as a user types it: 0.5 not 0.50000, NFEs as `1 2 4`, grids as `2:0.6 4:0.25,0.5,0.75`; a
+    switch (bool) is its flag where it differs from the default (or no default is given), else `no --flag`."""
+    if isinstance(v, bool):
+        return flag if v != default else f"no {flag}"
+    if isinstance(v, dict):
+        v = " ".join(f"{k}:{','.join(f'{t:g}' for t in ts)}" for k, ts in v.items())
+    elif isinstance(v, (tuple, list)):
+        v = " ".join(map(str, v))
+    elif isinstance(v, float):
+        v = f"{v:g}"
+    return f"{flag} {v}"
+
+
+def option_error(cls, e, kwargs, given):
+    """An option check's error (fewstep.require: e.values {field: value}, e.why) in the user's words: the flags and
+    values typed (none of them typed: all, with the values they had), then the rule, each option it names (snake_case
+    or s0) written as its flag."""
+    flags = {f.name: field_flag(f) for f in dataclasses.fields(cls)}
+    typed = [f for f in e.values if f in given] or list(e.values)
+
+    def shown(field):
+        return flag_value(flags[field], kwargs.get(field, e.values[field]) if field in given else e.values[field])
+    names = sorted((n for n in flags if re.search(r"[_\d]", n)), key=len, reverse=True)  # not words: "times"
+    why = re.sub(r"(?<![\w-])(" + "|".join(names) + r")(?![\w-])", lambda m: flags[m.group(1)], e.why)
+    return ", ".join(map(shown, typed)) + f": {why}" if typed else f"--method {cls.name}: {why}"
 
 
 def bind_labels(method, cfg):
@@ -302,11 +336,16 @@ def new_config(args, method, device, log):
             raise UsageError("--net course:PATH trains the course's U-Net (3 channels, fixed hyperparameters); "
                             "drop --arch and --channels 1")
         net = cs492c.course_net_config(course, method.uses_cond) if course else None  # checks the checkout first
+        if args.image_size and not course:  # before the data: the preset the size will get (the default's below)
+            check_image_size(args.arch or (GPU_DEFAULTS["arch"] if gpu else "mnist" if args.image_size <= 32
+                                           else "tiny"), args.image_size)
         spec, images, labels, classes = load_images(args.data or "simpsons", args.data is not None,
                                                     args.image_size or (cs492c.CHALLENGE_SHAPE[1] if course else None),
                                                     args.channels or (3 if course else None), log)
         _, c, h, _ = images.shape
         arch = args.arch or (GPU_DEFAULTS["arch"] if gpu else ("mnist" if h <= 32 else "tiny"))
+        if not course:
+            check_image_size(arch, h, typed=bool(args.image_size))
         ukw = unet.preset_kwargs(arch, image_size=h, in_channels=c)
         ukw["extra_cond"] = bool(ukw.get("extra_cond")) or method.uses_cond
         class_cond = spec.split(":")[0] == "pokemon" if args.class_cond is None else args.class_cond
@@ -355,6 +394,11 @@ def new_config(args, method, device, log):
             **({"net": net} if net else {})}  # --net course:PATH: {"course": PATH, "kwargs": UNet's arguments}
 
 
+def check_image_size(arch, size, typed=True):
+    """A size the preset's U-Net can halve at each of its levels, or a one-line error naming the sizes that work."""
+    rundir.check_image_size(size, len(unet.PRESETS[arch]["channel_mult"]) - 1, f"preset {arch}", typed)
+
+
 def resumed_config(args, cfg, name, out):
     """The saved config of the run at `out`, with what may change on resume taken from the command line: the
     budget, learning rate (and its decay), EMA decay and sampling-only options (the time grids). Method options
@@ -366,17 +410,20 @@ def resumed_config(args, cfg, name, out):
     run_opts = make_method(args.methods, name, cfg["method_args"]).config()  # older runs: defaults filled in
     given = given_options(args.methods, name, args)
     given.pop(next((f.name for f in dataclasses.fields(cls) if f.metadata.get("flag") == "--nfe"), None), None)
-    asked = make_method(args.methods, name, {**cfg["method_args"], **given}).config()
+    asked = make_method(args.methods, name, {**cfg["method_args"], **given}, given).config()
     sampling = {k: asked[k] for k in cls.sampling_options if k in given}  # replace the run's, train or eval
     differ = [k for k in asked if k not in cls.sampling_options and asked[k] != run_opts[k]]
     if differ and not args.eval_only:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        shown = lambda k, v: flag_value(field_flag(fields[k]), v, fields[k].default)  # noqa: E731
         raise UsageError(f"{out} was trained with other {name} options (" + ", ".join(
-            f"{k}: {run_opts[k]} in the run, {asked[k]} asked" for k in differ) + "); use the original options to "
-            "resume or another --out (nothing was written)")
+            f"{shown(k, run_opts[k])} in the run, {shown(k, asked[k])} asked" for k in differ)
+            + "); use the original options to resume or another --out (nothing was written)")
     for key, val in (("arch", args.arch), ("data", args.data), ("batch_size", args.batch_size)):
         if val is not None and cfg[key] != val:
-            raise UsageError(f"{out} holds a run with {key}={cfg[key]!r}, this command asks for {val!r}; use "
-                            f"another --out, or the original value to resume (nothing was written)")
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(f"{out} holds a run with {flag} {cfg[key]}, this command asks for {flag} {val}; use "
+                             f"another --out, or the original value to resume (nothing was written)")
     if args.class_cond is not None and bool(cfg.get("classes")) != args.class_cond:
         kind = "class-conditional" if cfg.get("classes") else "unlabelled"
         raise UsageError(f"{out} holds a {kind} run; drop --{'no-' if not args.class_cond else ''}class-cond or use "
@@ -421,8 +468,11 @@ def load_run(path, what="run"):
         raise UsageError(f"{what} {path}: no checkpoint {ckpt}; train it first (python fewstep.py --out {path} ...)")
     try:
         state = rundir.load_checkpoint(ckpt)
-    except rundir.CheckpointError as e:
-        raise UsageError(str(e))
+    except rundir.CheckpointError as e:  # a run's own ckpt.pt: truncated or overwritten by something else
+        cause = e.__cause__ or e
+        raise rundir.RunDirError(("" if what == "run" else f"{what} {path}: ") + f"{ckpt} cannot be read, it is "
+                                 f"damaged ({type(cause).__name__}: {str(cause)[:200]}); restore it from a copy, or "
+                                 f"delete it to start the run over") from None
     if "config" not in state or "method" not in state["config"]:
         raise UsageError(f"{ckpt} is not a fewstep.py checkpoint (no config['method']); use another --out")
     return state, state["config"]
@@ -609,6 +659,15 @@ def train(args, cfg, method, state, rank, world, device):
     """Train (or resume) until cfg's step budget or this invocation's --minutes; returns (final step, EMA net)."""
     out, main_proc = pathlib.Path(args.out), rank == 0
     log = print if main_proc else (lambda *a, **k: None)
+    if main_proc and getattr(args, "run_lock", None) is None:  # a new run: its folder is made and locked here
+        out.mkdir(parents=True, exist_ok=True)
+        args.run_lock = rundir.RunLock(out)
+        if state is None and (out / "ckpt.pt").exists():
+            raise rundir.RunDirError(f"another process started a run at --out {out} meanwhile; rerun the command to "
+                                     f"resume it, or pass another --out")
+    if main_proc:  # what a process killed while writing left (rundir.write_atomic's temp files): no one else writes
+        for tmp in out.glob("*.*.tmp"):
+            tmp.unlink(missing_ok=True)
     t_invocation, pair_seconds = time.time(), 0.0  # --minutes count from here: a teacher's pairs are training time
     teacher_state = None
     if cfg.get("teacher"):  # distillation: the teacher run's EMA network, frozen, as method.teacher
@@ -640,16 +699,16 @@ def train(args, cfg, method, state, rank, world, device):
             rundir.set_rng_state(state["rng"])
         else:  # other ranks: a fresh stream of their own (rank 0's state is the one saved)
             torch.manual_seed(cfg["seed"] * 7919 + 104729 * rank + step)
-        if main_proc and (out / "metrics.jsonl").exists():  # records after the checkpoint are redone: forget them
-            kept = [r for r in rundir.read_metrics(out) if r.get("step", 0) <= step]
-            rundir.write_atomic(out / "metrics.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept)),
-                                mode="w")
         log(f"resuming {out / 'ckpt.pt'} at step {step}")
     else:
         if teacher_state is not None and method.init_from_teacher:
             init_from(net, teacher_state["ema"])  # e.g. Liu et al.: reflow starts from the teacher
             ema.load_state_dict(net.state_dict())
         torch.manual_seed(cfg["seed"] + rank)  # ranks draw different noise and times
+    if main_proc and (out / "metrics.jsonl").exists():  # records after the checkpoint (all, if none) are redone
+        kept = [r for r in rundir.read_metrics(out) if r.get("step", 0) <= step]
+        rundir.write_atomic(out / "metrics.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept)),
+                            mode="w")
 
     model = net
     if world > 1:
@@ -718,7 +777,11 @@ def train(args, cfg, method, state, rank, world, device):
         rundir.log_metrics(out, {"step": step, "loss": loss_all.item(), "grad_norm": float(grad_norm),
                                  **({"lr": lrs[0]} if lrs else {}), **method.last_metrics})
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_all.item():.4f}", img_s=f"{cfg['batch_size'] / (time.time() - t0):.0f}")
+        # meanflow, imf, pmf and scm normalise their loss adaptively, so it stays near 1 by construction: the bar
+        # shows their unweighted error (rank 0's batch), the number that moves, under a name that says so
+        moving = method.last_metrics.get("mse")
+        shown = {"unweighted_mse": f"{moving:.4f}"} if moving is not None else {"loss": f"{loss_all.item():.4f}"}
+        bar.set_postfix(**shown, img_s=f"{cfg['batch_size'] / (time.time() - t0):.0f}")
         if step in early or step % args.sample_every == 0:
             grid()
         if args.fid_every and step % args.fid_every == 0 and grid_nfes:
@@ -743,7 +806,7 @@ def train(args, cfg, method, state, rank, world, device):
         if step not in early and step % args.sample_every:
             grid()
         if (out / "metrics.jsonl").exists():  # none when the budget ended before the first step (reflow's pairs)
-            rundir.plot_metrics(out, keys=("loss", "mse"))  # mse: the unweighted error of adaptively weighted losses
+            rundir.plot_metrics(out, keys=("mse", "loss"), labels=UNWEIGHTED)  # mse first: the one that moves
         log(f"stopped at step {step} ({(time.time() - t_invocation) / 60:.1f} min this run, {train_seconds / 60:.1f} "
             f"min of training in all{', teacher pairs included' if pair_seconds else ''}); {out / 'ckpt.pt'}, "
             f"{out / 'loss.png'}")
@@ -961,7 +1024,9 @@ def run(args, rank, world, device):
     if args.ema_decay is not None and not 0.0 <= args.ema_decay < 1.0:
         raise UsageError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     args.out = args.out or f"runs/{name}-" + (args.data or "simpsons").replace(":", "_").replace("/", "_")
-    out = pathlib.Path(args.out)
+    out = rundir.check_out_dir(args.out)  # a file, a path under a file, /proc/x, a full disk: refused before all
+    if rank == 0 and out.is_dir():  # one process per run directory (a new run's: at its first write, in train)
+        args.run_lock = rundir.RunLock(out)
     state = None
     if (out / "ckpt.pt").exists():  # the run's own options, with what may change on resume (built once, here)
         state, cfg = load_run(out)
@@ -974,12 +1039,14 @@ def run(args, rank, world, device):
     elif args.eval_only:
         raise UsageError(f"--eval-only: no run at {out} (no ckpt.pt); train first or point --out at a run")
     else:  # a new run: the options given on the command line, the method's own defaults for the rest
-        method = make_method(methods, name, given_options(methods, name, args))
+        given = given_options(methods, name, args)
+        method = make_method(methods, name, given, given)
         nfes = list(args.nfe or DEFAULT_NFES)
         check_nfes(method, nfes)  # before any data is loaded
         cfg = new_config(args, method, device, log)
     if bind_labels(method, cfg).num_classes is not None:
         check_nfes(method, nfes)
+    scored_set(args, len(cfg.get("classes") or []), log)
     if not args.no_fid and rank == 0:
         try:
             fid.resolve_weights()
@@ -1003,6 +1070,24 @@ def run(args, rank, world, device):
     return result
 
 
+def scored_set(args, k, log):
+    """The samples per NFE from --num-samples and --samples-per-class for a run with k classes (0: unlabelled): a
+    class-conditional run draws the same number of every class, so a --num-samples is rounded to whole classes (and
+    said once); a flag the run cannot honour is refused, never ignored."""
+    n, per = args.num_samples, args.samples_per_class
+    if per is not None and not k:
+        raise UsageError(f"--samples-per-class {per}: the run has no class labels; use --num-samples")
+    if k and n is not None and per is not None:
+        raise UsageError(f"--num-samples {n} and --samples-per-class {per}: a class-conditional run draws the same "
+                         f"number of every class of its {k}; give one of them")
+    if k and n is not None:
+        args.samples_per_class = max(1, round(n / k))
+        if args.samples_per_class * k != n:
+            log(f"fewstep.py: --num-samples {n} over the run's {k} classes: {args.samples_per_class} per class, "
+                f"{args.samples_per_class * k} samples per NFE")
+    args.num_samples = 1000 if n is None else n  # unlabelled runs; a labelled one draws k x samples_per_class
+
+
 def main(methods, argv=None):
     """The command line of fewstep.py over `methods` ({name: class}); returns eval.json's content (rank 0)."""
     args = parse_args(methods, argv)
@@ -1014,9 +1099,17 @@ def main(methods, argv=None):
     try:
         rank, world, device = setup_distributed(args.device)
         return run(args, rank, world, device)
-    except (rundir.UsageError, rundir.NonFiniteLoss) as e:  # bad input, missing data / checkpoint / weights, NaN
-        print(f"fewstep.py: {e}", file=sys.stderr)
+    except (rundir.UsageError, rundir.NonFiniteLoss, OSError) as e:  # bad input, missing data / weights, NaN, disk
+        if isinstance(e, OSError) and not isinstance(e, rundir.UsageError):
+            e = rundir.disk_error(e)  # a full disk or an I/O error: the user's to fix; any other OSError is a bug
+            if e is None:
+                raise
+        for bar in list(getattr(tqdm, "_instances", ())):  # a progress bar cut short ends its line first
+            bar.close()
+        print(f"fewstep.py: {' '.join(str(e).split())}", file=sys.stderr)  # one line, however the message wraps
         raise SystemExit(2)
     finally:
+        if getattr(args, "run_lock", None) is not None:  # a later main() in this process may use the run again
+            args.run_lock.release()
         if world > 1:
             torch.distributed.destroy_process_group()

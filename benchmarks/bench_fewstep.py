@@ -214,8 +214,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.guidance is not None and not args.class_cond:
         p.error("--guidance needs --class-cond (guidance mixes the labelled and the null branch)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = rundir.make_out_dir(args.out)  # a file, a path under one, /proc/x or a full disk: one line, nothing run
     log = lambda *a: print("bench_fewstep:", *a, flush=True)  # noqa: E731
     extra = dict(s.split("=", 1) for s in args.method_args)
     teacher_minutes = args.minutes / 2 if args.teacher_minutes is None else args.teacher_minutes
@@ -324,4 +323,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    rundir.run_cli(main, "bench_fewstep.py")  # a user's mistake: one line, exit status 2; a bug: a traceback

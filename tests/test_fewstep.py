@@ -409,11 +409,12 @@ def test_bad_input_is_one_line_without_traceback_and_writes_nothing(tmp_path, rf
          "no checkpoint"),
         (["--method", "reflow", "--teacher", str(other), "--out", str(tmp_path / "x")], "is a shortcut run"),
         (["--method", "rf", "--out", str(other)], "holds a shortcut run"),
-        (["--method", "shortcut", *TINY[:2], "--arch", "mnist", "--out", str(other)], "arch='tiny'"),
+        (["--method", "shortcut", *TINY[:2], "--arch", "mnist", "--out", str(other)],
+         "holds a run with --arch tiny, this command asks for --arch mnist"),
         (["--method", "shortcut", "--max-steps", "64", "--out", str(other)],
-         "other shortcut options (max_steps: 128 in the run, 64 asked)"),
+         "other shortcut options (--max-steps 128 in the run, --max-steps 64 asked)"),
         (["--method", "imf", "--grid-share", "0.3", "--nfe", "1", "--steps", "2", "--out", str(grid)],
-         "other imf options (grid_share: 0.5 in the run, 0.3 asked)"),  # --nfe alone would resume and score
+         "other imf options (--grid-share 0.5 in the run, --grid-share 0.3 asked)"),  # --nfe alone: resume and score
     ]
     # One process for the nine commands, each run as `python fewstep.py ARGS` (test_cli.run_in_one_process).
     done = run_in_one_process([(ROOT / "fewstep.py", args, {}) for args, _ in cases], ROOT, os.environ)
@@ -942,14 +943,16 @@ def test_cm_and_ctm_bad_input_is_one_line_and_writes_nothing(tmp_path, rf_teache
         (["--method", "ctm", "--teacher", str(cm_run)], "is a cm run; ctm learns from a flow teacher: a rf run"),
         (["--method", "cm", "--teacher", str(cm_run)], "is a cm run; cm learns from a flow teacher: a rf run"),
         (["--method", "ctm"], "ctm needs --teacher RUN_DIR"),
-        (["--method", "cm", "--cm-total-steps", "5"], "shorter than the curriculum's 8 stages"),
-        (["--method", "cm", "--cm-s0", "100", "--cm-s1", "10"], "the curriculum needs integers 2 <= s0 <= s1"),
-        (["--method", "cm", "--cm-times", "4:0.5"], "NFE 4 re-enters the path at 3 intermediate times, got 1"),
+        (["--method", "cm", "--cm-total-steps", "5"], "--cm-total-steps 5: shorter than the curriculum's 8 stages"),
+        (["--method", "cm", "--cm-s0", "100", "--cm-s1", "10"],
+         "--cm-s0 100, --cm-s1 10: the curriculum needs integers 2 <= --cm-s0 <= --cm-s1"),
+        (["--method", "cm", "--cm-times", "4:0.5"], "--cm-times 4:0.5: NFE 4 re-enters the path at 3 intermediate"),
         (["--method", "cm", "--cm-times", "2:0.999"], "must increase strictly inside (0.01235, 0.998)"),
         (["--method", "ctm", "--teacher", str(rf_teacher), "--ctm-times", "3:0.6,0.3"], "must increase strictly"),
         (["--method", "ctm", "--teacher", str(rf_teacher), "--ctm-times", "2-0.5"], "expected NFE:T1"),
-        (["--method", "ctm", "--teacher", str(rf_teacher), "--ctm-heun-steps", "18"], "heun_steps must be in 1 .."),
-        (["--method", "ctm", "--teacher", str(rf_teacher), "--ctm-gan-weight", "-1"], "gan_weight must be >= 0"),
+        (["--method", "ctm", "--teacher", str(rf_teacher), "--ctm-heun-steps", "18"],
+         "--ctm-heun-steps 18: must be in 1 .. --ctm-scales - 1 = 17"),  # the flags typed, not the fields behind them
+        (["--method", "ctm", "--teacher", str(rf_teacher), "--ctm-gan-weight", "-1"], "--ctm-gan-weight -1: must be"),
     ]
     for args, message in cases:
         assert_refused([*args, *TINY, "--steps", "2", "--out", str(x)], message, capsys)

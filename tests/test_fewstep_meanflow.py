@@ -268,9 +268,10 @@ def test_compile_is_a_clear_fallback_said_once(tmp_path, capsys):
 
 
 def test_bad_hyperparameters_are_user_errors(tmp_path, capsys):
-    for args, message in ((["--ratio", "1.5"], "ratio"), (["--time-std", "0"], "time_std"),
-                          (["--adaptive-c", "0"], "adaptive weighting"), (["--grid-share", "1.5"], "grid_share"),
-                          (["--jvp-fd-step", "0.5"], "fd_step"), (["--jvp-fd-step", "-0.001"], "fd_step")):
+    for args, message in ((["--ratio", "1.5"], "--ratio 1.5: "), (["--time-std", "0"], "--time-std 0: "),
+                          (["--adaptive-c", "0"], "--adaptive-c 0: "), (["--grid-share", "1.5"], "--grid-share 1.5: "),
+                          (["--jvp-fd-step", "0.5"], "--jvp-fd-step 0.5: "),
+                          (["--jvp-fd-step", "-0.001"], "--jvp-fd-step -0.001: ")):
         assert_refused(["--method", "imf", *TINY, "--steps", "1", "--out", str(tmp_path / "x"), *args], message,
                        capsys)
     assert not (tmp_path / "x").exists()

@@ -9,16 +9,13 @@ minimiser found by brute force over t_1 with a hand-written Euler solver; the sl
 ball and only where that helps.
 Both on mnist5k (tiny preset): falling loss, exact NFE, resume bit for bit, bad input as one line.
 """
-import json
-import pathlib
-
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 import fewstep
-from fewstep import LD3, ProgressiveDistillation, RectifiedFlow
+from fewstep import LD3, ProgressiveDistillation
 from test_fewstep import (M, S, ExactVelocityNet, GaussNet, assert_refused, exact_velocity, grid_x,  # noqa: F401
                           losses, one_thread)
 
@@ -311,10 +308,10 @@ def test_bad_input_for_pd_and_ld3_is_one_line_and_writes_nothing(tmp_path, teach
         (["--method", "pd", "--teacher", str(teacher), "--nfe", "3"], "pd trains one student per round, N = 512"),
         (["--method", "pd", "--teacher", str(teacher), "--pd-start-steps", "4", "--nfe", "4"], "N = 2, 1"),
         (["--method", "pd", "--teacher", str(teacher), "--pd-start-steps", "12"],
-         "start_steps / end_steps must be a power of two"),
+         "--pd-start-steps 12: --pd-start-steps / --pd-end-steps must be a power of two"),
         (["--method", "pd", "--teacher", str(other)], "is a shortcut run; pd learns from a flow teacher"),
         (["--method", "pd"], "pd needs --teacher RUN_DIR"),
-        (["--method", "ld3", "--teacher", str(teacher), "--nfe", "0"], "nfes must be a list of integers >= 1"),
+        (["--method", "ld3", "--teacher", str(teacher), "--nfe", "0"], "--nfe 0: NFEs must be integers >= 1"),
         (["--method", "ld3", "--teacher", str(other)], "is a shortcut run; ld3 learns from a flow teacher"),
     ]
     for args, message in cases:

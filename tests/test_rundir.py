@@ -1,11 +1,14 @@
 """Tests for rundir.py: atomic checkpoints and their errors, RNG state through weights_only, config and metrics
-files, the loss plot, --device, the argparse validators, NonFiniteLoss / check_finite and run_cli. Expected values
-are built in the tests (a simulated crash mid-write, seeded draws, hand-written records and option strings)."""
+files, the loss plot, --device, the argparse validators, NonFiniteLoss / check_finite and run_cli, the --out check,
+a disk that fills up mid-write, a damaged metrics.jsonl, the run directory's lock and the image-size check. Expected
+values are built in the tests (a simulated crash mid-write, seeded draws, hand-written records and option strings)."""
 
 import argparse
+import errno
 import functools
 import io
 import json
+import os
 import random
 import subprocess
 import sys
@@ -194,3 +197,130 @@ def test_run_cli_prints_user_errors_and_nan_losses_in_one_line(capsys):
 
     with pytest.raises(KeyError):  # anything else is a bug and keeps its traceback
         rundir.run_cli(bug, prog="x.py")
+
+
+def test_run_cli_says_a_full_disk_in_one_line_and_keeps_other_os_errors_as_bugs(capsys):
+    def full():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "run/grid.png")
+
+    with pytest.raises(SystemExit) as e:
+        rundir.run_cli(full, prog="x.py")
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("x.py: error: cannot write run/grid.png (No space left on device); the files "
+                                       "written before it are intact: free space on that disk and rerun the command "
+                                       "(a training run resumes from its last checkpoint)\n")
+
+    def bug():
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))  # a closed descriptor: the program's fault
+
+    with pytest.raises(OSError):
+        rundir.run_cli(bug, prog="x.py")
+
+
+# ---------------------------------------------------------------------------------------------------- --out, faults
+
+def test_check_out_dir_refuses_what_cannot_be_a_folder_and_creates_nothing(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    assert rundir.check_out_dir("new/run") == Path("new/run") and not Path("new").exists()  # checked, not made
+    assert rundir.make_out_dir("new/run").is_dir()
+    cases = {"afile": "cannot write to --out afile (it is a file); pass a folder you can write to",
+             "afile/sub": "cannot write to --out afile/sub (afile is a file, not a folder); pass a folder you can "
+                          "write to",
+             "/dev/null/x": "cannot write to --out /dev/null/x (/dev/null is a file, not a folder); pass a folder you "
+                            "can write to"}
+    if Path("/proc/self").exists():  # root may write anywhere permissions decide; procfs makes no folder for anyone
+        cases["/proc/forbidden"] = ("cannot write to --out /proc/forbidden (/proc takes no new files: No such file "
+                                    "or directory); pass a folder you can write to")
+    for path, message in cases.items():
+        with pytest.raises(rundir.UsageError) as e:
+            rundir.make_out_dir(path)
+        assert str(e.value) == message
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on "
+                                                                                             "device")))
+    with pytest.raises(rundir.UsageError) as e:
+        rundir.make_out_dir("other/run", "--save-stats")
+    assert str(e.value) == (f"cannot write to --save-stats other/run ({tmp_path} takes no new files: No space left on "
+                            f"device); free space on that disk or pass a folder on another")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "new"]  # nothing else, no probe left
+
+
+def test_a_failed_write_keeps_the_old_file_and_says_so_in_one_line(tmp_path, monkeypatch):
+    """A disk that fills up while torch.save writes: torch reports it as a RuntimeError of its zip writer, whose
+    cause is the OSError; both reach the user as a RunDirError naming the file, and the old file stays whole."""
+    path = tmp_path / "ckpt.pt"
+    rundir.save_checkpoint(path, {"step": 1, "w": torch.arange(1000.0)})
+    real_fdopen = os.fdopen
+
+    class FillsUp:  # the file object write_atomic writes through: the disk is full after 1000 bytes
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, b):
+            self.n += len(b)
+            if self.n > 1000:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FillsUp(real_fdopen(fd, mode)))
+    for write in (lambda: rundir.save_checkpoint(path, {"step": 2, "w": torch.zeros(1000)}),
+                  lambda: rundir.write_config(tmp_path, {"text": "x" * 2000})):
+        with pytest.raises(rundir.RunDirError, match=r"cannot write .* \(No space left on device\); the files "
+                                                     r"written before it are intact: free space on that disk"):
+            write()
+    monkeypatch.undo()
+    assert rundir.load_checkpoint(path)["step"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+def test_read_metrics_drops_a_last_line_cut_short_and_names_a_damaged_one(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')  # killed mid-append
+    assert rundir.read_metrics(tmp_path) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}]
+    for text, line in (('{"step": 1, "loss": 0.5}\n{"step": 2, "lo\n{"step": 3}\n', 2), ("[1, 2]\n", 1),
+                       ('{"step": 1}\n{"step": 2, "lo\n', 2)):  # a cut line that ends in a newline is damage
+        path.write_text(text)
+        with pytest.raises(rundir.RunDirError) as e:
+            rundir.read_metrics(tmp_path)
+        message = str(e.value)
+        assert message.startswith(f"{path}, line {line}, is not a JSON record") and "delete that line" in message
+
+
+def test_run_lock_lets_one_holder_at_a_time_and_the_os_frees_it_when_the_process_dies(tmp_path):
+    lock = rundir.RunLock(tmp_path)
+    with pytest.raises(rundir.RunDirError, match=f"--out {tmp_path} is in use by another process"):
+        rundir.RunLock(tmp_path)  # another open of the folder conflicts, even in this process
+    lock.release()
+    rundir.RunLock(tmp_path).release()
+    assert list(tmp_path.iterdir()) == []  # the lock is on the folder: no file written
+    holder = subprocess.Popen([sys.executable, "-c", f"import rundir, sys; lock = rundir.RunLock({str(tmp_path)!r}); "
+                                                     "print('held', flush=True); sys.stdin.read()"],
+                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(rundir.RunDirError):
+            rundir.RunLock(tmp_path)
+    finally:
+        holder.kill()  # no release(): the OS drops the lock with the process
+        holder.wait()
+    rundir.RunLock(tmp_path).release()
+
+
+def test_check_image_size_names_the_sizes_that_work():
+    rundir.check_image_size(28, 2, "preset tiny")
+    with pytest.raises(rundir.UsageError) as e:
+        rundir.check_image_size(30, 2, "preset tiny")
+    assert str(e.value) == ("--image-size 30: preset tiny halves the image 2 times, so the size must be a multiple "
+                            "of 4: pass --image-size 28 or 32")
+    with pytest.raises(rundir.UsageError) as e:
+        rundir.check_image_size(7, 3, "preset challenge", typed=False)
+    assert str(e.value) == ("the data's 7x7 images: preset challenge halves the image 3 times, so the size must be a "
+                            "multiple of 8: pass --image-size 8")

@@ -210,3 +210,16 @@ def test_the_submission_adapter_imports_parses_as_python_3_10_and_samples_with_e
         torch.testing.assert_close(x, want)
     with pytest.raises(ValueError, match="shape"):
         model.sample((1, 3, 28, 28))
+
+
+@pytest.mark.parametrize("method, shown, hidden", [("imf", "unweighted_mse=", "loss="), ("rf", "loss=", "mse=")])
+def test_progress_bar_shows_the_number_that_moves(method, shown, hidden, tmp_path, capsys):
+    # imf's adaptively weighted loss is ||delta||^2 / sg(||delta||^2 + c) ~ 1 at every step: the bar must show its
+    # unweighted error instead (named as such); rf's plain loss is the number that moves
+    fewstep.main(["--method", method, *TINY, "--steps", "3", "--out", str(tmp_path / method), "--nfe", "1"])
+    bar = [line for line in re.split(r"[\r\n]", capsys.readouterr().err) if f"train {method}" in line][-1]
+    assert shown in bar and hidden not in bar.replace(shown, ""), bar
+    records = rundir.read_metrics(tmp_path / method)
+    value = float(bar.split(shown)[1].split(",")[0].split("]")[0])
+    key = "mse" if method == "imf" else "loss"
+    assert value == pytest.approx(records[-1][key], abs=1e-4)  # the last step's value, as metrics.jsonl has it
