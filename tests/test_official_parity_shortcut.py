@@ -185,15 +185,17 @@ def test_shortcut_sampler_is_the_authors():
 
 
 # %% rf ---------------------------------------------------------------------------------------------------------------
-def test_rf_loss_target_and_gradients_are_liu_et_al(monkeypatch):
+@pytest.mark.parametrize("name, method", [("rf_liu_loss", fewstep.RectifiedFlow), ("reflow_liu_loss", fewstep.Reflow)])
+def test_rf_and_reflow_loss_target_and_gradients_are_liu_et_al(name, method, monkeypatch):
     """losses.get_rectified_flow_loss_fn (reduce_mean, their CIFAR-10 config) on fixed z0 and t = u (1 - eps) + eps
-    (their t; fewstep's times start at 0, a deviation named in its docstring)."""
-    fx = fixture("rf_liu_loss")
+    (their t; fewstep's times start at 0, a deviation named in its docstring); reflow: their reflow loss
+    (reflow_t_schedule 'uniform', l2) on fixed pairs (z0, x1) and times."""
+    fx = fixture(name)
     inp, out = fx["inputs"], fx["outputs"]
     monkeypatch.setattr(fewstep, "sample_time", lambda n, device, *a: inp["t"])
     seen = catch_mse(monkeypatch)
     net = Tiny(fx["weights"])
-    loss = fewstep.RectifiedFlow().loss(net, inp["x1"], inp["z0"])
+    loss = method().loss(net, inp["x1"], inp["z0"])
     loss.backward()
     close(seen["target"], out["target"])
     close(loss, out["loss"])
@@ -262,21 +264,6 @@ def test_rf_sampler_with_and_without_guidance_is_minrf():
 
 
 # %% reflow -----------------------------------------------------------------------------------------------------------
-def test_reflow_loss_on_pairs_is_liu_et_al(monkeypatch):
-    """Their reflow loss (reflow_t_schedule 'uniform', l2) on fixed pairs (z0, x1) and times."""
-    fx = fixture("reflow_liu_loss")
-    inp, out = fx["inputs"], fx["outputs"]
-    monkeypatch.setattr(fewstep, "sample_time", lambda n, device, *a: inp["t"])
-    seen = catch_mse(monkeypatch)
-    net = Tiny(fx["weights"])
-    loss = fewstep.Reflow().loss(net, inp["x1"], inp["z0"])
-    loss.backward()
-    close(seen["target"], out["target"])
-    close(loss, out["loss"])
-    for k, g in grads(net).items():
-        close(g, out["grads"][k])
-
-
 def test_reflow_distillation_loss_is_liu_et_al():
     """Their distillation (reflow_t_schedule 't0', l2) at eps = 0, i.e. t = 0 (their default eps = 1e-3 trains at
     t = 1e-3: named in Reflow's docstring); their LPIPS variants are not compared (no offline weights)."""

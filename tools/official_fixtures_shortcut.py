@@ -63,19 +63,25 @@ def as_torch(tree):
     return torch.from_numpy(np.array(a, dtype=np.float64 if a.dtype.kind == "f" else np.int64))
 
 
-# %% shortcut: kvfrans/shortcut-models (JAX) -------------------------------------------------------------------------
-def shortcut_modules(repos):
-    """The authors' targets_shortcut.py and helper_inference.py, importable: x64 on, stub modules for what only their
-    logging imports (wandb, matplotlib, tqdm), jax.spmd_mode (gone from current JAX) as a no-op context."""
-    import jax
-    jax.config.update("jax_enable_x64", True)
-    for name in ("wandb", "matplotlib", "matplotlib.pyplot", "tqdm"):
+def stub_missing(*names):
+    """Import each module, or put an empty stand-in in sys.modules where it is missing (what only the authors'
+    logging and plotting import); tqdm.tqdm becomes the identity where tqdm is a stand-in."""
+    for name in names:
         if name not in sys.modules:
             try:
                 importlib.import_module(name)
             except ImportError:
                 sys.modules[name] = types.ModuleType(name)
     sys.modules["tqdm"].tqdm = getattr(sys.modules["tqdm"], "tqdm", lambda it, **kw: it)
+
+
+# %% shortcut: kvfrans/shortcut-models (JAX) -------------------------------------------------------------------------
+def shortcut_modules(repos):
+    """The authors' targets_shortcut.py and helper_inference.py, importable: x64 on, stub modules for what only their
+    logging imports (wandb, matplotlib, tqdm), jax.spmd_mode (gone from current JAX) as a no-op context."""
+    import jax
+    jax.config.update("jax_enable_x64", True)
+    stub_missing("wandb", "matplotlib", "matplotlib.pyplot", "tqdm")
     if not hasattr(jax, "spmd_mode"):
         jax.spmd_mode = lambda *a, **k: contextlib.nullcontext()
     root = str(repos / "shortcut-models")
@@ -340,13 +346,7 @@ class Fixed:
 
 
 def liu_modules(repos):
-    for name in ("matplotlib", "matplotlib.pyplot", "torchvision", "tqdm"):
-        if name not in sys.modules:
-            try:
-                importlib.import_module(name)
-            except ImportError:
-                sys.modules[name] = types.ModuleType(name)
-    sys.modules["tqdm"].tqdm = getattr(sys.modules["tqdm"], "tqdm", lambda it, **kw: it)
+    stub_missing("matplotlib", "matplotlib.pyplot", "torchvision", "tqdm")
     root = str(repos / "RectifiedFlow" / "ImageGeneration")
     if root not in sys.path:
         sys.path.insert(0, root)
