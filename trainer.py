@@ -54,8 +54,8 @@ DEFAULT_NFES = (1, 2, 4)  # the challenge's NFEs
 # Liu et al. (rectified flow) train with Adam at 2e-4 on CIFAR-10; EMA 0.9999 is the usual choice for U-Net flows
 # at the challenge's scale (Frans et al. use 0.999 with DiTs). Both are options (--lr, --ema-decay).
 DEFAULT_LR, DEFAULT_EMA = 2e-4, 0.9999
-UNWEIGHTED = {"mse": "mse: the unweighted error (the adaptively normalised loss stays near 1 by construction)",
-              "loss": "loss: what the optimiser minimises"}  # loss.png's panel titles
+UNWEIGHTED = {"mse": "mse: the unweighted error (the normalised loss below stays near 1)",
+              "loss": "loss: what the optimiser minimises"}  # loss.png's panel titles (6.4 inches wide)
 
 
 # ----------------------------------------------------------------------------------------------------------------
