@@ -410,6 +410,10 @@ def main(argv=None):
         "forward ODE": forward_ode(score, x0, sde, steps, path=True, progress=True),
         "reverse ODE": reverse_ode(score, x1, sde, steps, path=True, progress=True),
     }
+    for name, (_, xs) in runs.items():  # Euler steps of beta(t) dt well above 1 blow up: say so, draw nothing
+        if not torch.isfinite(xs).all():
+            raise rundir.UsageError(f"the {name} left the finite numbers (beta(t) |dt| reaches "
+                                    f"{sde.beta_max / steps:.3g} per step); raise --steps or lower --beta-max")
     if args.dim == 1:
         for name, (stat, p) in plot_1d(runs, sde, p0, out).items():
             print(f"{name} samples at t = 0, one-sample KS against the exact p_0: D = {stat:.4f}, p = {p:.3g}")
