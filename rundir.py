@@ -119,15 +119,26 @@ def run_cli(main, prog=None):
     _MADE.clear()  # only this command's folders
     try:
         return main()
-    except (UsageError, NonFiniteLoss, OSError) as e:
-        if isinstance(e, OSError) and not isinstance(e, UsageError):
-            e = disk_error(e)  # a full disk or an I/O error: the user's to fix; any other OSError is a bug
-            if e is None:
-                raise
-        prog = prog or Path(sys.argv[0]).name
-        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, however the message wraps
+    except USER_ERRORS as e:
+        line = user_error_line(e)
+        if line is None:
+            raise
+        print(f"{prog or Path(sys.argv[0]).name}: error: {line}", file=sys.stderr)
         remove_empty_made()
         raise SystemExit(2) from None
+
+
+USER_ERRORS = (UsageError, NonFiniteLoss, OSError)  # what a command catches to print it in one line (user_error_line)
+
+
+def user_error_line(e):
+    """The one line a caught USER_ERRORS prints (its message, however it wraps), or None for an OSError that is not
+    the disk's (disk_error): that one is a bug and is re-raised with its traceback."""
+    if isinstance(e, OSError) and not isinstance(e, UsageError):
+        e = disk_error(e)  # a full disk or an I/O error: the user's to fix
+        if e is None:
+            return None
+    return " ".join(str(e).split())
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1099,14 +1099,13 @@ def main(methods, argv=None):
     try:
         rank, world, device = setup_distributed(args.device)
         return run(args, rank, world, device)
-    except (rundir.UsageError, rundir.NonFiniteLoss, OSError) as e:  # bad input, missing data / weights, NaN, disk
-        if isinstance(e, OSError) and not isinstance(e, rundir.UsageError):
-            e = rundir.disk_error(e)  # a full disk or an I/O error: the user's to fix; any other OSError is a bug
-            if e is None:
-                raise
+    except rundir.USER_ERRORS as e:  # bad input, missing data / weights, NaN, a full disk
+        line = rundir.user_error_line(e)
+        if line is None:
+            raise
         for bar in list(getattr(tqdm, "_instances", ())):  # a progress bar cut short ends its line first
             bar.close()
-        print(f"fewstep.py: {' '.join(str(e).split())}", file=sys.stderr)  # one line, however the message wraps
+        print(f"fewstep.py: {line}", file=sys.stderr)
         raise SystemExit(2)
     finally:
         if getattr(args, "run_lock", None) is not None:  # a later main() in this process may use the run again
