@@ -525,10 +525,12 @@ class MeanFlow(Method):
         tp = torch.sigmoid(self.time_mean + self.time_std * torch.randn(b, device=device))
         rp = torch.sigmoid(self.time_mean + self.time_std * torch.randn(b, device=device))
         flat = torch.rand(b, device=device) < 1 - self.ratio  # r' = t' on 1 - ratio of them
-        if self.sort_first:
-            tp, rp = torch.maximum(tp, rp), torch.minimum(tp, rp)  # t' >= r'
-        rp = torch.where(flat, tp, rp)
-        tp, rp = torch.maximum(tp, rp), torch.minimum(tp, rp)  # t' >= r' (a no-op after the first sort)
+        if self.sort_first:  # t' >= r', then r' := t' on the flow-matching share
+            tp, rp = torch.maximum(tp, rp), torch.minimum(tp, rp)
+            rp = torch.where(flat, tp, rp)
+        else:  # r' := t' first, then t' >= r'
+            rp = torch.where(flat, tp, rp)
+            tp, rp = torch.maximum(tp, rp), torch.minimum(tp, rp)
         t, s = 1 - tp, 1 - rp  # t = 1 - t' (nearer the noise), s = 1 - r'
         if self.grid_share:  # (k / n, (k + 1) / n): n uniform from grid_nfes, k uniform from 0 .. n - 1
             nfes = torch.tensor(self.grid_nfes, device=device, dtype=torch.float32)
